@@ -1,0 +1,1 @@
+"""gppy astrometry stage service."""

@@ -1,0 +1,1 @@
+"""gppy calib stage service."""

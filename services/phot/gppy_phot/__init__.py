@@ -1,0 +1,1 @@
+"""gppy phot stage service."""

@@ -1,0 +1,1 @@
+"""gppy stack stage service."""

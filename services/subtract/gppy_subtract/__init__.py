@@ -1,0 +1,1 @@
+"""gppy subtract stage service."""

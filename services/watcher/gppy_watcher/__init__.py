@@ -1,0 +1,1 @@
+"""gppy watcher stage service."""

@@ -1,0 +1,92 @@
+"""The NATS JetStream bus: one stream for the pipeline, durable pull consumers per stage.
+
+Subjects are ``<prefix>.<lane>.<kind>`` (``gppy.survey.frame.calibrated``); dead letters go
+to ``<prefix>.dlq.<stage>``. Each stage has two durable consumers, ``<stage>-too`` and
+``<stage>-survey``, shared by every replica of the stage, so replicas split the work and
+ToO messages are always pulled first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import nats
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+from gppy.config import Settings
+from gppy.messages import Event
+
+log = logging.getLogger(__name__)
+LANES = ("too", "survey")
+STREAM_MAX_AGE_S = 30 * 86400.0
+DUPLICATE_WINDOW_S = 6 * 3600.0
+
+
+async def connect(settings: Settings, name: str) -> nats.NATS:
+    """Connect with reconnection for ever (a broker restart must not end a service)."""
+    opts: dict = dict(servers=[settings.nats_url], name=name, max_reconnect_attempts=-1,
+                      reconnect_time_wait=1.0, connect_timeout=5, allow_reconnect=True)
+    password = settings.secret("nats_password")
+    if settings.nats_user:
+        opts.update(user=settings.nats_user, password=password or "")
+    return await nats.connect(**opts)
+
+
+async def ensure_stream(js, settings: Settings) -> None:
+    """Create (or update) the pipeline stream."""
+    cfg = api.StreamConfig(
+        name=settings.stream,
+        subjects=[f"{settings.subject_prefix}.>"],
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        max_age=STREAM_MAX_AGE_S,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        max_msg_size=settings.max_message_bytes * 4,
+    )
+    try:
+        await js.stream_info(settings.stream)
+        await js.update_stream(cfg)
+    except NotFoundError:
+        await js.add_stream(cfg)
+
+
+async def ensure_consumer(js, settings: Settings, stage: str, lane: str, kinds: list[str]):
+    """Create the durable pull consumer ``<stage>-<lane>`` and bind to it."""
+    durable = f"{stage}-{lane}"
+    cfg = api.ConsumerConfig(
+        durable_name=durable,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=settings.max_deliver + 1,  # the runtime dead-letters at max_deliver itself
+        filter_subjects=[f"{settings.subject_prefix}.{lane}.{k}" for k in kinds],
+        deliver_policy=api.DeliverPolicy.ALL,
+        max_ack_pending=1000,
+    )
+    try:
+        await js.consumer_info(settings.stream, durable)
+    except NotFoundError:
+        await js.add_consumer(settings.stream, cfg)
+    return await js.pull_subscribe_bind(durable=durable, stream=settings.stream)
+
+
+async def publish(js, event: Event, prefix: str = "gppy") -> None:
+    """Publish with a content-derived message id (a retried publish is not duplicated)."""
+    await js.publish(event.subject(prefix), event.to_bytes(), headers={"Nats-Msg-Id": event.msg_id()})
+
+
+async def dead_letter(js, prefix: str, stage: str, reason: str, subject: str, data: bytes,
+                      delivered: int) -> None:
+    """Publish a dead letter ``<prefix>.dlq.<stage>`` with the reason and the original data."""
+    body = {"stage": stage, "reason": reason, "subject": subject, "delivered": delivered,
+            "data": data[:65536].decode("utf-8", "replace")}
+    await js.publish(f"{prefix}.dlq.{stage}", json.dumps(body).encode())
+
+
+async def kv_bucket(js, bucket: str, history: int = 1):
+    """A JetStream key-value bucket, created on first use."""
+    try:
+        return await js.key_value(bucket)
+    except (NotFoundError, Exception):  # BucketNotFoundError subclasses NotFoundError
+        return await js.create_key_value(bucket=bucket, history=history)

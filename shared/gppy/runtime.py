@@ -1,0 +1,286 @@
+"""Service runtime: the one small base that every stage service uses.
+
+A stage subclasses :class:`StageService`, names the event kinds it consumes, and implements
+``handle(event) -> list[Event]``. The runtime connects to NATS, provisions the stream and the
+stage's durable consumers, pulls one message per free slot (ToO lane first), validates it,
+sends in-progress heartbeats while the handler runs, publishes the resulting events, and acks
+only then. Failures are retried up to ``max_deliver`` times and then dead-lettered and
+reported; a bad input (:class:`PermanentError`) is reported at once. SIGTERM stops pulling and
+lets in-flight work finish (or be released for redelivery). Every service also serves
+``/healthz``, ``/readyz``, ``/metrics`` and ``/status`` over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import ClassVar
+
+import uvicorn
+from fastapi import FastAPI, Response
+from nats.errors import TimeoutError as NatsTimeout
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from gppy import __version__, bus
+from gppy.config import PathConfig, Settings, load_settings
+from gppy.fitsio import BadInputError
+from gppy.logs import frame_var, night_var, setup_logging
+from gppy.messages import Event, MessageError, StageFailed, check_paths, parse
+
+log = logging.getLogger(__name__)
+
+
+class PermanentError(Exception):
+    """A failure that retrying cannot fix (bad input, no solution): reported, not retried."""
+
+
+class StageService:
+    """Base class of every stage service."""
+
+    name: ClassVar[str] = "stage"
+    consumes: ClassVar[list[str]] = []
+
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or load_settings()
+        self.paths: PathConfig = self.settings.paths()
+        self.nc = None
+        self.js = None
+        self._subs: dict[str, object] = {}
+        self._stopping = asyncio.Event()
+        self._inflight: set[asyncio.Task] = set()
+        self._ready = False
+        self.started = time.time()
+        self.registry = CollectorRegistry()
+        self.m_messages = Counter("gppy_messages_total", "Messages handled", ["stage", "outcome"],
+                                  registry=self.registry)
+        self.m_duration = Histogram("gppy_handle_seconds", "Handler duration", ["stage"],
+                                    registry=self.registry,
+                                    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900))
+        self.m_inflight = Gauge("gppy_inflight", "Messages being handled", ["stage"], registry=self.registry)
+        self.m_step = Histogram("gppy_step_seconds", "Duration of named steps", ["stage", "step"],
+                                registry=self.registry, buckets=(0.05, 0.2, 1, 5, 20, 60, 300))
+        self.last_error: str = ""
+        self.counts = {"ok": 0, "failed": 0, "retried": 0, "dead_lettered": 0}
+
+    # ---------------------------------------------------------------- for subclasses
+    async def setup(self) -> None:
+        """Called once after connecting (open KV buckets, warm caches...)."""
+
+    async def handle(self, event: Event) -> list[Event]:
+        raise NotImplementedError
+
+    def extra_routes(self, app: FastAPI) -> None:
+        """Add service-specific HTTP routes (the watcher's API)."""
+
+    # ---------------------------------------------------------------- helpers
+    async def publish(self, event: Event) -> None:
+        await bus.publish(self.js, event, self.settings.subject_prefix)
+
+    def failed(self, event: Event, reason: str, item: str = "") -> StageFailed:
+        """A :class:`StageFailed` event for ``event``'s night."""
+        return StageFailed(night_id=event.night_id, unit=event.unit, lane=event.lane, stage=self.name,
+                           item_path=item, reason=reason[:2000])
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        """Time a named step into the ``gppy_step_seconds`` histogram."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.m_step.labels(self.name, name).observe(time.perf_counter() - t0)
+
+    # ---------------------------------------------------------------- lifecycle
+    async def connect(self) -> None:
+        self.nc = await bus.connect(self.settings, f"gppy-{self.name}")
+        self.js = self.nc.jetstream()
+        await bus.ensure_stream(self.js, self.settings)
+        if self.consumes:
+            for lane in bus.LANES:
+                self._subs[lane] = await bus.ensure_consumer(self.js, self.settings, self.name, lane,
+                                                             self.consumes)
+        await self.setup()
+        self._ready = True
+        log.info("%s joined its consumers (%s)", self.name, ", ".join(self.consumes) or "none")
+
+    async def _fetch_one(self):
+        """One message, ToO lane first; None when both lanes are empty."""
+        for lane, timeout in (("too", 0.05), ("survey", 1.0)):
+            sub = self._subs.get(lane)
+            if sub is None:
+                continue
+            try:
+                msgs = await sub.fetch(batch=1, timeout=timeout)
+            except (NatsTimeout, asyncio.TimeoutError):
+                continue
+            if msgs:
+                return msgs[0]
+        return None
+
+    async def run_consumers(self) -> None:
+        sem = asyncio.Semaphore(max(1, self.settings.concurrency))
+        while not self._stopping.is_set():
+            await sem.acquire()
+            if self._stopping.is_set():
+                sem.release()
+                break
+            try:
+                msg = await self._fetch_one()
+            except Exception as exc:  # connection trouble: back off and retry
+                sem.release()
+                log.warning("fetch failed: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            if msg is None:
+                sem.release()
+                continue
+            task = asyncio.create_task(self._process(msg))
+            self._inflight.add(task)
+            task.add_done_callback(lambda t: (self._inflight.discard(t), sem.release()))
+
+    async def _heartbeat(self, msg) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def _process(self, msg) -> None:
+        delivered = msg.metadata.num_delivered if msg.metadata else 1
+        try:
+            event = parse(msg.data, self.settings.max_message_bytes)
+            check_paths(event, self.paths.roots())
+        except MessageError as exc:
+            log.error("refused message on %s: %s", msg.subject, exc)
+            await bus.dead_letter(self.js, self.settings.subject_prefix, self.name, str(exc), msg.subject,
+                                  msg.data, delivered)
+            self.m_messages.labels(self.name, "refused").inc()
+            self.counts["dead_lettered"] += 1
+            await msg.term()
+            return
+        night_var.set(event.night_id)
+        frame_var.set(getattr(event, "path", "") or getattr(event, "night_dir", ""))
+        hb = asyncio.create_task(self._heartbeat(msg))
+        self.m_inflight.labels(self.name).inc()
+        t0 = time.perf_counter()
+        try:
+            outputs = await self.handle(event)
+            for out in outputs or []:
+                await self.publish(out)
+            await msg.ack_sync()
+            self.m_messages.labels(self.name, "ok").inc()
+            self.counts["ok"] += 1
+        except (PermanentError, BadInputError) as exc:
+            reason = str(exc)
+            log.error("permanent failure: %s", reason)
+            await self._give_up(msg, event, reason, delivered)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            raise
+        except Exception as exc:
+            reason = f"{exc.__class__.__name__}: {exc}"
+            self.last_error = reason
+            if delivered >= self.settings.max_deliver:
+                log.exception("failed %d times, dead-lettering: %s", delivered, reason)
+                await self._give_up(msg, event, reason, delivered)
+            else:
+                log.warning("attempt %d failed, will retry: %s", delivered, reason)
+                self.m_messages.labels(self.name, "retried").inc()
+                self.counts["retried"] += 1
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=min(30.0, 2.0 ** delivered))
+        finally:
+            hb.cancel()
+            self.m_inflight.labels(self.name).dec()
+            self.m_duration.labels(self.name).observe(time.perf_counter() - t0)
+
+    async def _give_up(self, msg, event: Event, reason: str, delivered: int) -> None:
+        self.last_error = reason
+        item = getattr(event, "path", "") or getattr(event, "night_dir", "")
+        with contextlib.suppress(Exception):
+            await self.publish(self.failed(event, reason, item))
+        await bus.dead_letter(self.js, self.settings.subject_prefix, self.name, reason, msg.subject,
+                              msg.data, delivered)
+        await msg.term()
+        self.m_messages.labels(self.name, "failed").inc()
+        self.counts["failed"] += 1
+
+    # ---------------------------------------------------------------- HTTP
+    def app(self) -> FastAPI:
+        app = FastAPI(title=f"gppy {self.name}", version=__version__)
+
+        @app.get("/healthz")
+        async def healthz():
+            return {"ok": True, "stage": self.name}
+
+        @app.get("/readyz")
+        async def readyz(response: Response):
+            ok = self._ready and self.nc is not None and self.nc.is_connected
+            if not ok:
+                response.status_code = 503
+            return {"ready": ok}
+
+        @app.get("/metrics")
+        async def metrics():
+            return Response(generate_latest(self.registry), media_type="text/plain; version=0.0.4")
+
+        @app.get("/status")
+        async def status():
+            return {"stage": self.name, "version": __version__, "uptime_s": round(time.time() - self.started, 1),
+                    "inflight": len(self._inflight), "counts": self.counts, "last_error": self.last_error,
+                    "consumes": self.consumes, "connected": bool(self.nc and self.nc.is_connected)}
+
+        self.extra_routes(app)
+        return app
+
+    async def serve(self) -> None:
+        """Run until SIGTERM/SIGINT: consumers plus the HTTP endpoints."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, self._stopping.set)
+        server = None
+        http_task = None
+        if self.settings.http_port:
+            config = uvicorn.Config(self.app(), host=self.settings.http_host, port=self.settings.http_port,
+                                    log_level="warning", lifespan="off")
+            server = uvicorn.Server(config)
+            server.install_signal_handlers = lambda: None  # we handle signals ourselves
+            http_task = asyncio.create_task(server.serve())
+        await self.connect()
+        consumer_task = asyncio.create_task(self.run_consumers())
+        await self._stopping.wait()
+        log.info("stopping: no new messages; %d in flight", len(self._inflight))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(consumer_task, timeout=3.0)
+        if self._inflight:
+            done, pending = await asyncio.wait(self._inflight, timeout=self.settings.ack_wait_s / 2)
+            for task in pending:  # released for redelivery to another replica
+                task.cancel()
+        await self.background_stop()
+        if server is not None:
+            server.should_exit = True
+            with contextlib.suppress(Exception):
+                await http_task
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+
+    async def background_stop(self) -> None:
+        """Hook for services with background tasks (the watcher's scanner)."""
+
+
+def run_service(cls: type[StageService]) -> None:
+    """Console-script entry point shared by every service."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"gppy-{cls.name}", description=f"gppy {cls.name} service")
+    parser.add_argument("--config", help="path.json (default: $GPPY_CONFIG)")
+    parser.add_argument("--port", type=int, help="HTTP port for /healthz, /metrics, ... (0: none)")
+    parser.add_argument("--nats", help="NATS URL (default: $GPPY_NATS_URL)")
+    args = parser.parse_args()
+    settings = load_settings(config=args.config, http_port=args.port, nats_url=args.nats)
+    setup_logging(cls.name, settings.log_json)
+    asyncio.run(cls(settings).serve())

@@ -180,6 +180,17 @@ class StageFailed(Event):
     reason: str
 
 
+class DeepStackRequest(Event):
+    """CLI/API -> stack: a deep stack of one target across nights (optionally a 7DT reference)."""
+
+    kind: Literal["deepstack.request"] = "deepstack.request"
+    object: str
+    filter: str
+    nights: list[str] | None = None
+    select: Literal["seeing", "depth", "all"] = "all"
+    as_reference: bool = False
+
+
 class NightDone(Event):
     """watcher -> all: a night reached its final state."""
 
@@ -191,12 +202,12 @@ class NightDone(Event):
 
 AnyEvent = Annotated[
     NightReady | NightPlan | FrameCalibrated | FrameSolved | StackDone | DifferenceDone
-    | PhotometryDone | StageFailed | NightDone,
+    | PhotometryDone | StageFailed | DeepStackRequest | NightDone,
     Field(discriminator="kind"),
 ]
 _adapter: TypeAdapter = TypeAdapter(AnyEvent)
 KINDS = ["night.ready", "night.plan", "frame.calibrated", "frame.solved", "stack.done", "diff.done",
-         "phot.done", "stage.failed", "night.done"]
+         "phot.done", "stage.failed", "deepstack.request", "night.done"]
 
 
 def parse(data: bytes, max_bytes: int = 256 * 1024) -> Event:

@@ -114,7 +114,7 @@ class StageService:
                 continue
             try:
                 msgs = await sub.fetch(batch=1, timeout=timeout)
-            except (NatsTimeout, asyncio.TimeoutError):
+            except (TimeoutError, NatsTimeout):
                 continue
             if msgs:
                 return msgs[0]
@@ -266,7 +266,9 @@ class StageService:
             with contextlib.suppress(Exception):
                 await http_task
         with contextlib.suppress(Exception):
-            await self.nc.drain()
+            await self.nc.flush(timeout=5)
+        with contextlib.suppress(Exception):
+            await self.nc.close()
 
     async def background_stop(self) -> None:
         """Hook for services with background tasks (the watcher's scanner)."""

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from gppy.config import Settings
 from gppy.local import free_port, nats_server_binary, wait_for_port
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from gppy import bus
 from gppy.config import Settings
 from gppy.local import free_port

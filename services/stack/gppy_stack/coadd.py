@@ -1,0 +1,288 @@
+"""Building one stack from files: inputs checked, SWarp run, products written.
+
+This is the file-level half of the stage, shared by the nightly visit stacks and the deep
+stacks; the science it calls lives in :mod:`~gppy_stack.grid`, :mod:`~gppy_stack.scaling`,
+:mod:`~gppy_stack.header`, :mod:`~gppy_stack.maskmap` and :mod:`~gppy_stack.swarp`.
+Products are written with :func:`gppy.fitsio.write_fits` (temporary name + rename): the
+stack ``<stem>.com.fits``, its ``<stem>.com.weight.fits`` (inverse variance in stack units^-2)
+and ``<stem>.com.mask.fits`` (uint16 :class:`gppy.masks.MaskBit`) in the same folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning
+
+from gppy.fitsio import BadInputError, is_complete_fits, read_header, write_fits
+from gppy.masks import describe as mask_bits
+from gppy.naming import flag_of, weight_of
+from gppy.provenance import stamp
+from gppy.runtime import PermanentError
+
+from . import header as hdr
+from . import maskmap, scaling
+from .swarp import SwarpOptions, run_swarp
+
+log = logging.getLogger(__name__)
+#: Subsampling step for the typical weight and the sky level of an input (px).
+SAMPLE_STEP = 8
+
+
+@dataclass
+class StackInput:
+    """One checked input frame."""
+
+    path: Path
+    weight_path: Path
+    mask_path: Path | None
+    header: fits.Header
+    mjd: float
+    exptime: float
+    zp: float | None
+    egain: float
+    saturate: float
+    sky: float
+    typical_weight: float
+
+
+@dataclass
+class StackResult:
+    """What :func:`make_stack` wrote."""
+
+    path: Path
+    weight_path: Path
+    mask_path: Path
+    inputs: list[Path]
+    excluded: dict[str, str] = field(default_factory=dict)
+    header: fits.Header = field(default_factory=fits.Header)
+
+
+def _celestial_wcs(header: fits.Header, path: Path) -> WCS:
+    import warnings
+
+    if not str(header.get("CTYPE1", "")).startswith("RA--"):
+        raise BadInputError(path, "no celestial WCS (CTYPE1 is not RA---*): frame not solved")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        try:
+            return WCS(header, naxis=2)
+        except Exception as exc:
+            raise BadInputError(path, f"unusable WCS ({exc})") from exc
+
+
+def _grid_wcs_cards(grid: fits.Header, swarp_header: fits.Header) -> fits.Header:
+    """The grid's WCS keywords, after checking that SWarp wrote the stack on that grid."""
+    for key in ("NAXIS1", "NAXIS2", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2"):
+        if key in swarp_header and not np.isclose(float(swarp_header[key]), float(grid[key]), rtol=0, atol=1e-7):
+            raise RuntimeError(f"SWarp wrote {key}={swarp_header[key]} instead of the grid's {grid[key]}")
+    out = fits.Header()
+    for card in grid.cards:
+        if card.keyword not in ("NAXIS", "NAXIS1", "NAXIS2"):
+            out.append(card)
+    return out
+
+
+def inspect_input(path: str | Path, default_saturate: float = 60000.0) -> StackInput:
+    """Read and check one input (the calibrated single with its WCS and zero point).
+
+    Raises
+    ------
+    BadInputError
+        Missing or truncated file, no WCS, no weight map, no or bad EGAIN, empty weights.
+    """
+    p = Path(path)
+    header = read_header(p)
+    if not is_complete_fits(p):
+        raise BadInputError(p, "truncated FITS file")
+    _celestial_wcs(header, p)
+    wpath = weight_of(p)
+    if not wpath.exists() or not is_complete_fits(wpath):
+        raise BadInputError(p, f"weight map {wpath.name} missing or truncated")
+    mpath = flag_of(p)
+    mpath_ok = mpath if mpath.exists() and is_complete_fits(mpath) else None
+    try:
+        egain = float(header["EGAIN"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadInputError(p, "no EGAIN (e-/ADU) in the header") from exc
+    if not egain > 0:
+        raise BadInputError(p, f"EGAIN {egain} is not positive")
+    try:
+        mjd = hdr.start_mjd(header)
+    except ValueError as exc:
+        raise BadInputError(p, str(exc)) from exc
+    exptime = float(header.get("EXPTIME", 0.0) or 0.0)
+    sat = header.get("SATURATE", default_saturate)
+    try:
+        saturate = float(sat)
+    except (TypeError, ValueError):
+        saturate = default_saturate
+    with fits.open(wpath, memmap=True) as wh, fits.open(p, memmap=True) as ih:
+        w = np.asarray(wh[0].data[::SAMPLE_STEP, ::SAMPLE_STEP], dtype=np.float64)
+        d = np.asarray(ih[0].data[::SAMPLE_STEP, ::SAMPLE_STEP], dtype=np.float64)
+    if w.shape != d.shape:
+        raise BadInputError(wpath, f"weight map shape {w.shape} differs from the image's {d.shape}")
+    good = (w > 0) & np.isfinite(w) & np.isfinite(d)
+    if good.sum() < 10:
+        raise BadInputError(wpath, "weight map has no positive weights")
+    return StackInput(path=p, weight_path=wpath, mask_path=mpath_ok, header=header, mjd=mjd,
+                      exptime=exptime, zp=scaling.zero_point(header), egain=egain, saturate=saturate,
+                      sky=float(np.median(d[good])), typical_weight=float(np.median(w[good])))
+
+
+def _consistent_weight(inp: StackInput, workdir: Path) -> tuple[Path, np.ndarray | None]:
+    """The weight map to give SWarp, zero wherever the mask is set; and the mask.
+
+    The calibration stage's contract is that weights are already 0 where the mask is set;
+    if an input breaks it, a corrected copy is written into the scratch folder (the input
+    itself is never modified).
+    """
+    if inp.mask_path is None:
+        return inp.weight_path, None
+    with fits.open(inp.mask_path, memmap=False) as mh:
+        mask = np.asarray(mh[0].data).astype(np.uint16, copy=False)
+    with fits.open(inp.weight_path, memmap=True) as wh:
+        weight = wh[0].data
+        if weight.shape != mask.shape:
+            raise BadInputError(inp.mask_path, f"mask shape {mask.shape} differs from the weight's {weight.shape}")
+        masked = mask != 0
+        if not np.any(weight[masked] > 0):
+            return inp.weight_path, mask
+        fixed = np.array(weight, dtype=np.float32)
+    fixed[masked] = 0.0
+    log.warning("%s: weight map not zero where masked; using a corrected copy", inp.path.name)
+    dest = workdir / f"{inp.path.name.removesuffix('.fits')}.maskedweight.fits"
+    write_fits(dest, fixed)
+    return dest, mask
+
+
+def make_stack(paths: Sequence[str | Path], dest: Path, grid: fits.Header, *, settings_for_hash: dict,
+               workdir: Path, options: SwarpOptions | None = None, default_saturate: float = 60000.0,
+               visit: str = "", centre_source: str = "", tile: str = "",
+               name_for=None) -> StackResult:
+    """Stack ``paths`` onto ``grid`` and write the stack, its weight and its mask.
+
+    Parameters
+    ----------
+    paths : sequence of path
+        Calibrated singles (or any images with WCS, ZP_AUTO, EGAIN and weight maps).
+    dest : Path
+        The stack's path; if ``name_for`` is given, only its folder is used.
+    grid : astropy.io.fits.Header
+        Output grid (:func:`gppy_stack.grid.grid_header`).
+    settings_for_hash : dict
+        Settings that affect the product (provenance hash).
+    workdir : Path
+        Scratch folder for SWarp's files (removed afterwards).
+    options : SwarpOptions
+    default_saturate : float
+        ADU, for inputs without SATURATE.
+    visit, centre_source, tile : str
+        Written into the header.
+    name_for : callable, optional
+        ``name_for(stats) -> str``: file name from the stack statistics (mean DATE-OBS, total
+        EXPTIME); used because the name depends on inputs that may be excluded.
+
+    Raises
+    ------
+    PermanentError
+        When no input is usable.
+    """
+    options = options or SwarpOptions()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    excluded: dict[str, str] = {}
+    inputs: list[StackInput] = []
+    for p in paths:
+        try:
+            inputs.append(inspect_input(p, default_saturate))
+        except BadInputError as exc:
+            excluded[str(p)] = exc.reason
+            log.warning("stack input left out: %s", exc)
+    if not inputs:
+        raise PermanentError(f"no usable input among {len(paths)} frame(s): {excluded}")
+    inputs.sort(key=lambda i: (i.mjd, str(i.path)))
+    plan = scaling.plan_scaling([i.zp for i in inputs], [i.exptime for i in inputs], reference=0)
+    for idx, reason in plan.excluded.items():
+        excluded[str(inputs[idx].path)] = reason
+    used = [inputs[i] for i in plan.used]
+    factors = plan.factors
+
+    stats = hdr.stack_statistics([i.header for i in used])
+    if name_for is not None:
+        dest = Path(dest).parent / name_for(stats)
+    dest = Path(dest)
+    stem = dest.name.removesuffix(".fits")
+    run_dir = workdir / stem
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        weights = []
+        masks: list[np.ndarray | None] = []
+        for inp in used:
+            wpath, mask = _consistent_weight(inp, run_dir)
+            weights.append(wpath)
+            masks.append(mask)
+        tmp_image = run_dir / f"{stem}.fits"
+        tmp_weight = run_dir / f"{stem}.weight.fits"
+        run_swarp([i.path for i in used], weights, grid=grid, imageout=tmp_image, weightout=tmp_weight,
+                  workdir=run_dir, fscales=factors, gains=[i.egain for i in used],
+                  saturates=[i.saturate for i in used], options=options)
+        with fits.open(tmp_image, memmap=False) as ih:
+            image = np.asarray(ih[0].data, dtype=np.float32)
+            swarp_header = ih[0].header.copy()
+        with fits.open(tmp_weight, memmap=False) as wh:
+            weight = np.asarray(wh[0].data, dtype=np.float32)
+        bad = ~np.isfinite(image) | ~np.isfinite(weight) | (weight <= 0)
+        image[bad] = 0.0
+        weight[bad] = 0.0
+
+        out_wcs = WCS(grid, naxis=2)
+        carried = np.zeros(image.shape, dtype=np.uint16)
+        for inp, mask in zip(used, masks, strict=True):
+            if mask is not None and mask.any():
+                maskmap.project_mask_bits(mask, _celestial_wcs(inp.header, inp.path), out_wcs, carried)
+        mask_out = maskmap.stack_mask(weight, carried, options.kernel_radius)
+        del carried
+
+        egain = scaling.effective_gain([i.egain for i in used], factors, [i.typical_weight for i in used])
+        saturate = scaling.saturation_level([i.saturate for i in used], [i.sky for i in used], factors)
+        wcs_header = _grid_wcs_cards(grid, swarp_header)
+        header = hdr.build_stack_header(
+            wcs_header, [i.header for i in used], [i.path for i in used], egain=egain, saturate=saturate,
+            zp=plan.zp, factors=factors, reference=str(used[0].path), combine=options.combine_type,
+            resampling=options.resampling_type, single=len(used) == 1, visit=visit,
+            centre_source=centre_source, tile=tile)
+        header["BUNIT"] = ("adu", "ADU of the reference frame (STKREF)")
+        header["SWARPGN"] = (float(swarp_header.get("GAIN", 0.0)), "SWarp's own equivalent gain (check)")
+        for name, reason in list(excluded.items())[:20]:
+            header.add_history(f"left out {Path(name).name}: {reason}"[:72])
+        tools = ["SWarp"]
+        stamp(header, "stack", [i.path for i in used], settings_for_hash, tools)
+
+        weight_header = fits.Header()
+        weight_header.extend(wcs_header.cards)
+        weight_header["BUNIT"] = ("adu-2", "inverse variance in stack units^-2")
+        weight_header["STKIMG"] = (dest.name[:68], "image this weight map belongs to")
+        stamp(weight_header, "stack", [i.weight_path for i in used], settings_for_hash, tools)
+        mask_header = fits.Header()
+        mask_header.extend(wcs_header.cards)
+        mask_header["STKIMG"] = (dest.name[:68], "image this mask belongs to")
+        for bit_name, value in mask_bits().items():
+            mask_header[f"MASKB_{bit_name}"[:8]] = (value, f"mask bit {bit_name}")
+        stamp(mask_header, "stack", [i.path for i in used], settings_for_hash, tools)
+
+        weight_dest = weight_of(dest)
+        mask_dest = flag_of(dest)
+        write_fits(weight_dest, weight, weight_header)
+        write_fits(mask_dest, mask_out, mask_header)
+        write_fits(dest, image, header)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return StackResult(path=dest, weight_path=weight_dest, mask_path=mask_dest, inputs=[i.path for i in used],
+                       excluded=excluded, header=header)

@@ -1,0 +1,214 @@
+"""Synthetic calibrated singles with known truth, for the stack tests and benchmark.
+
+Each frame is what the calib + astrometry + phot stages hand to the stack stage: a float32
+image in ADU with sky, Gaussian stars of known magnitude, Poisson and read noise at a known
+gain; a TAN WCS (with a small pointing offset and rotation per frame); ``<stem>.weight.fits``
+= inverse variance of the background in ADU^-2 (0 where masked); ``<stem>.mask.fits``
+(uint16 MaskBit) with cosmic rays and a bad column; header keys EGAIN, SATURATE, EXPTIME,
+DATE-OBS, DATE-LOC, AIRMASS, CENTALT, CENTAZ, OBJECT, FILTER, OBJCTRA/OBJCTDEC and the
+zero point ``ZP_AUTO`` (mag for 1 ADU in that frame), which here is the truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from astropy.coordinates import SkyCoord
+from astropy.io import fits
+from astropy.wcs import WCS
+from scipy.special import erf
+
+from gppy.masks import MaskBit
+from gppy.naming import calib_name
+
+PIXSCALE = 0.505
+
+
+@dataclass
+class Truth:
+    """Truth of a set of frames."""
+
+    ra: np.ndarray                   # star RA (deg)
+    dec: np.ndarray                  # star Dec (deg)
+    mag: np.ndarray                  # star magnitude
+    zps: list[float] = field(default_factory=list)        # per frame, mag for 1 ADU
+    paths: list[Path] = field(default_factory=list)
+    headers: list[fits.Header] = field(default_factory=list)
+    gain: float = 0.256
+    read_noise_e: float = 3.5
+    cosmic_pixels: list[tuple[int, int, int]] = field(default_factory=list)  # (frame, y, x)
+
+
+def tan_wcs(nx: int, ny: int, ra0: float, dec0: float, rot_deg: float = 0.0,
+            dx: float = 0.0, dy: float = 0.0) -> WCS:
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [ra0, dec0]
+    w.wcs.crpix = [(nx + 1) / 2.0 + dx, (ny + 1) / 2.0 + dy]
+    s = PIXSCALE / 3600.0
+    c, si = np.cos(np.deg2rad(rot_deg)), np.sin(np.deg2rad(rot_deg))
+    w.wcs.cd = np.array([[-s * c, s * si], [s * si, s * c]])
+    w.wcs.radesys = "ICRS"
+    w.wcs.equinox = 2000.0
+    return w
+
+
+def render_gaussians(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray,
+                     fwhm: float, half: int = 12) -> np.ndarray:
+    """Pixel-integrated Gaussian stars (0-based centres), each summing to ``flux``."""
+    ny, nx = shape
+    img = np.zeros(shape, dtype=np.float64)
+    sig = fwhm / 2.3548200450309493
+    x0 = np.floor(x).astype(int)
+    y0 = np.floor(y).astype(int)
+    off = np.arange(-half, half + 1)
+    gx = x0[:, None] + off[None, :]
+    gy = y0[:, None] + off[None, :]
+    s2 = np.sqrt(2.0) * sig
+    px = 0.5 * (erf((gx + 0.5 - x[:, None]) / s2) - erf((gx - 0.5 - x[:, None]) / s2))
+    py = 0.5 * (erf((gy + 0.5 - y[:, None]) / s2) - erf((gy - 0.5 - y[:, None]) / s2))
+    stamps = flux[:, None, None] * py[:, :, None] * px[:, None, :]
+    yy = np.broadcast_to(gy[:, :, None], stamps.shape)
+    xx = np.broadcast_to(gx[:, None, :], stamps.shape)
+    ok = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+    np.add.at(img, (yy[ok], xx[ok]), stamps[ok])
+    return img
+
+
+def star_field(ra0: float, dec0: float, n: int, radius_deg: float, seed: int,
+               mag_range=(14.0, 20.5)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stars on a jittered grid (kept apart so that apertures do not overlap)."""
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(n)))
+    u = (np.arange(side) + 0.5) / side * 2 - 1
+    gx, gy = np.meshgrid(u, u)
+    gx = gx.ravel()[:n] + rng.uniform(-0.2, 0.2, n) / side
+    gy = gy.ravel()[:n] + rng.uniform(-0.2, 0.2, n) / side
+    dec = dec0 + gy * radius_deg * 0.66
+    ra = ra0 + gx * radius_deg / np.cos(np.deg2rad(dec0))
+    mag = rng.uniform(*mag_range, n)
+    return ra, dec, mag
+
+
+def make_frames(outdir: Path, *, n: int = 3, shape=(1000, 1400), ra0: float = 150.0, dec0: float = 2.0,
+                obj: str = "T90001", filt: str = "m650", unit: str = "7DT07", exptimes=None,
+                start: str = "2025-01-02T03:00:00", gaps_s=None, zp1s: float = 23.0, transparency=None,
+                sky_e_per_s: float = 25.0, fwhm_px=None, gain: float = 0.256, read_noise_e: float = 3.5,
+                seed: int = 1, nstars: int = 120, cosmics: int = 30, saturate: float = 60000.0,
+                bright_star: bool = True, write_zp: bool = True, stars=None) -> Truth:
+    """Write ``n`` calibrated singles into ``outdir`` and return their truth."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    exptimes = list(exptimes or [60.0] * n)
+    gaps_s = list(gaps_s or [15.0] * n)
+    transparency = list(transparency or [1.0] * n)
+    fwhm_px = list(fwhm_px or [4.0 + 0.4 * i for i in range(n)])
+    if stars is None:
+        size_deg = min(nx, ny) * PIXSCALE / 3600.0
+        ra, dec, mag = star_field(ra0, dec0, nstars, size_deg * 0.45, seed)
+    else:
+        ra, dec, mag = stars
+    if bright_star:  # one star that saturates its core
+        ra = np.append(ra, ra0 + 0.3 * PIXSCALE * 40 / 3600.0)
+        dec = np.append(dec, dec0 + 0.3 * PIXSCALE * 40 / 3600.0)
+        mag = np.append(mag, 9.5)
+    truth = Truth(ra=ra, dec=dec, mag=mag, gain=gain, read_noise_e=read_noise_e)
+    t = datetime.fromisoformat(start)
+    rn_adu = read_noise_e / gain
+    for i in range(n):
+        rot = rng.uniform(-0.3, 0.3)
+        w = tan_wcs(nx, ny, ra0, dec0, rot, dx=rng.uniform(-25, 25), dy=rng.uniform(-25, 25))
+        zp = zp1s + 2.5 * np.log10(exptimes[i]) + 2.5 * np.log10(transparency[i]) - 2.5 * np.log10(gain)
+        # zp: mag for 1 ADU in this frame (zp1s = mag for 1 e-/s at transparency 1)
+        flux_adu = 10 ** (-0.4 * (mag - zp))
+        x, y = w.all_world2pix(ra, dec, 0)
+        sky_adu = sky_e_per_s * exptimes[i] / gain
+        model = sky_adu + render_gaussians((ny, nx), x, y, flux_adu, fwhm_px[i])
+        electrons = rng.poisson(np.clip(model, 0, None) * gain).astype(np.float64)
+        img = electrons / gain + rng.normal(0.0, rn_adu, (ny, nx))
+        mask = np.zeros((ny, nx), np.uint16)
+        sat = img >= saturate
+        img[sat] = saturate
+        mask[sat] |= np.uint16(MaskBit.SATURATED)
+        cy = rng.integers(5, ny - 5, cosmics)
+        cx = rng.integers(5, nx - 5, cosmics)
+        img[cy, cx] += rng.uniform(2000, 20000, cosmics)
+        mask[cy, cx] |= np.uint16(MaskBit.COSMIC_RAY)
+        truth.cosmic_pixels.extend((i, int(a), int(b)) for a, b in zip(cy, cx, strict=True))
+        col = int(rng.integers(50, nx - 50))
+        mask[:, col] |= np.uint16(MaskBit.BAD)
+        img[:, col] = 0.0
+        var = sky_adu / gain + rn_adu**2
+        weight = np.where(mask == 0, 1.0 / var, 0.0).astype(np.float32)
+        h = w.to_header()
+        date_obs = t.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+        h["DATE-OBS"] = date_obs
+        h["DATE-LOC"] = (t - timedelta(hours=4)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+        h["MJD"] = 0.0  # overwritten below
+        from astropy.time import Time
+
+        h["MJD"] = Time(date_obs, format="isot", scale="utc").mjd
+        h["EXPTIME"] = float(exptimes[i])
+        h["EGAIN"] = gain
+        h["GAIN"] = 2750
+        h["SATURATE"] = saturate
+        h["OBJECT"] = obj
+        h["FILTER"] = filt
+        h["TELESCOP"] = unit
+        c = SkyCoord(ra0, dec0, unit="deg")
+        h["OBJCTRA"] = c.ra.to_string(unit="hourangle", sep=" ", precision=1)
+        h["OBJCTDEC"] = c.dec.to_string(unit="deg", sep=" ", precision=1, alwayssign=True)
+        h["AIRMASS"] = 1.1 + 0.05 * i
+        h["CENTALT"] = 65.0 - 2.0 * i
+        h["CENTAZ"] = (355.0 + 4.0 * i) % 360.0
+        if write_zp:
+            h["ZP_AUTO"] = zp
+            h["EZP_AUTO"] = 0.005
+        h["SKYVAL"] = sky_adu
+        name = calib_name(unit, obj, date_obs, filt, exptimes[i])
+        path = outdir / name
+        fits.writeto(path, img.astype(np.float32), h, overwrite=True)
+        fits.writeto(path.with_name(name[:-5] + ".weight.fits"), weight, h, overwrite=True)
+        fits.writeto(path.with_name(name[:-5] + ".mask.fits"), mask, overwrite=True)
+        truth.zps.append(zp)
+        truth.paths.append(path)
+        truth.headers.append(h)
+        t = t + timedelta(seconds=exptimes[i] + gaps_s[i])
+    return truth
+
+
+def aperture_sums(image: np.ndarray, x: np.ndarray, y: np.ndarray, r: float, r_in: float, r_out: float,
+                  weight: np.ndarray | None = None):
+    """Background-corrected circular aperture sums (0-based centres), and, with a weight
+    map, the variance predicted from it (sum of 1/w in the aperture). Pixels are whole
+    (centre inside the radius)."""
+    half = int(np.ceil(r_out)) + 1
+    sums, preds, ok = [], [], []
+    ny, nx = image.shape
+    for xc, yc in zip(x, y, strict=True):
+        x0, y0 = int(round(xc)), int(round(yc))
+        if x0 - half < 0 or y0 - half < 0 or x0 + half >= nx or y0 + half >= ny:
+            sums.append(np.nan)
+            preds.append(np.nan)
+            ok.append(False)
+            continue
+        sub = image[y0 - half:y0 + half + 1, x0 - half:x0 + half + 1]
+        yy, xx = np.mgrid[y0 - half:y0 + half + 1, x0 - half:x0 + half + 1]
+        rr = np.hypot(xx - xc, yy - yc)
+        ap = rr <= r
+        ann = (rr >= r_in) & (rr <= r_out)
+        good = True
+        if weight is not None:
+            wsub = weight[y0 - half:y0 + half + 1, x0 - half:x0 + half + 1]
+            good = bool(np.all(wsub[ap] > 0)) and np.sum(wsub[ann] > 0) > 0.8 * ann.sum()
+            ann = ann & (wsub > 0)
+            preds.append(float(np.sum(1.0 / wsub[ap])) if good else np.nan)
+        bkg = np.median(sub[ann]) if ann.any() else 0.0
+        sums.append(float(sub[ap].sum() - bkg * ap.sum()))
+        ok.append(good)
+    return np.array(sums), np.array(preds), np.array(ok)

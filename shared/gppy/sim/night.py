@@ -1,0 +1,764 @@
+"""``simulate``: write a whole raw 7DT night, its reference data and its truth."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+from astropy.time import Time, TimeDelta
+
+from gppy import fitsio, naming
+from gppy.sim import instrument as ins
+from gppy.sim.catalog import StarField, inside_box, make_starfield
+from gppy.sim.detector import Detector, Exposure, Physics, make_detector, read_out
+from gppy.sim.header import raw_header
+from gppy.sim.optics import FrameWCS, PSFModel, distortion_coefficients, moffat_neff, offset_radec
+from gppy.sim.plan import FrameSpec, Plan, make_plan
+from gppy.sim.reference import gaia_table, reference_header, reference_image
+from gppy.sim.render import cosmic_rays, line_profile, render_moffat
+
+STACK_MARGIN = 1.07
+MASK_CR, MASK_TRAIL, MASK_SATURATED, MASK_BADCOL, MASK_HOT = 1, 2, 4, 8, 16
+
+
+@dataclass
+class VisitConditions:
+    dither_arcsec: tuple[float, float]
+    pointing_error_arcsec: tuple[float, float]
+    rotation_deg: float
+    fwhm_arcsec: float
+    beta: float
+    transparency_mag: float
+    sky_dmag: float
+
+
+@dataclass
+class FrameTruth:
+    """Everything true about one science frame (also used to render it)."""
+
+    spec: FrameSpec
+    wcs: FrameWCS
+    header_ra: float
+    header_dec: float
+    psf: PSFModel
+    zp: float
+    airmass: float
+    sky_adu: float
+    sky_gradient: tuple[float, float]
+    transparency_mag: float
+    bias_offset: float
+    trail: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *keys])
+
+
+def _unit_key(unit: str) -> int:
+    return int.from_bytes(unit.encode()[:8].ljust(8, b"\0"), "little") % (2 ** 31)
+
+
+def _epoch_year(t: Time) -> float:
+    return float(t.jyear)
+
+
+def simulate(outdir: str | Path, unit: str = "7DT01", night: str = "2025-01-15",
+             size: tuple[int, int] = ins.SMALL_SIZE, full: bool = False, targets: int = 2,
+             filters: Sequence[str] | None = None, seed: int = 0, calib: bool = True,
+             transients: bool = True, *, archive_nights: Sequence[str] | None = None,
+             star_density: float = 55000.0, physics: Physics | None = None, references: bool = True,
+             extras: bool = True, n_transients: int = 8, distortion_arcsec: float = 1.0,
+             max_pointing_error_arcmin: float = 4.0, max_rotation_deg: float = 1.5,
+             trail_fraction: float = 0.15, cr_rate: float = 0.15,
+             progress: Callable[[str], None] | None = None) -> Path:
+    """Simulate one raw night of a 7DT unit with its reference data and truth.
+
+    Parameters
+    ----------
+    outdir : path
+        Root of the data tree: ``factory/`` (path_base), ``obsdata/``, ``truth/`` and
+        ``path.json`` are written under it.
+    unit, night : str
+        Unit name (``7DT01``) and local date of the night (``YYYY-MM-DD``).
+    size : (int, int)
+        Frame size (NAXIS1, NAXIS2); ``full=True`` gives 9576 x 6388.
+    targets : int
+        Number of targets; with 2 or more the last is a named field, the others are tiles.
+    filters : list of str
+        Filters observed (default m425, m650, r); 3 frames of 100 s per target and filter.
+    seed : int
+        Everything is deterministic for a seed.
+    calib : bool
+        Write bias, dark and flat frames. Without them an archive of masters from earlier
+        nights is written (``archive_nights``, by default 3 and 9 days before).
+    transients : bool
+        Inject transients (see the README for the kinds).
+    archive_nights : list of str
+        Earlier nights (``YYYY-MM-DD``) whose masters are written into the master archive.
+    star_density : float
+        Stars per square degree with 10 < G < 21.5 (real high-latitude fields have fewer).
+    physics : Physics
+        Switches for every effect.
+    references : bool
+        Write the reference catalogue and images.
+    extras : bool
+        Add a 3 x 300 s visit of the first target and a single 45 s frame of the last.
+    distortion_arcsec : float
+        Radial distortion at the frame corners (arcsec).
+    cr_rate : float
+        Cosmic rays per megapixel per second.
+
+    Returns
+    -------
+    Path of the written ``path.json``.
+    """
+    t_begin = time.time()
+    say = progress or (lambda _msg: None)
+    physics = physics or Physics()
+    if full:
+        size = ins.FULL_SIZE
+    nx, ny = int(size[0]), int(size[1])
+    filters = list(filters or ins.DEFAULT_FILTERS)
+    for f in filters:
+        ins.get_filter(f)
+    unit = naming.sanitize(unit, "UNIT")
+    out = Path(outdir).resolve()
+    base = out / "factory"
+    night_dir = out / "obsdata" / unit / f"{night}_gain2750"
+    truth_dir = out / "truth"
+    for d in (base, night_dir, truth_dir / "frames", truth_dir / "calib", truth_dir / "refs"):
+        d.mkdir(parents=True, exist_ok=True)
+    stack_size = (int(round(nx * STACK_MARGIN)), int(round(ny * STACK_MARGIN)))
+
+    plan = make_plan(unit, night, targets, filters, _rng(seed, 1), calib=calib, extras=extras)
+    det = make_detector((ny, nx), seed=int(_rng(seed, 2, _unit_key(unit)).integers(2 ** 31)), physics=physics)
+    geo_rng = _rng(seed, 3)
+    pv1, pv2 = (distortion_coefficients((nx, ny), distortion_arcsec, 0.15 * distortion_arcsec, geo_rng)
+                if physics.distortion else ({1: 1.0}, {1: 1.0}))
+
+    # the sky of every target
+    scale_deg = ins.PIXEL_SCALE / 3600.0
+    hw = 0.5 * nx * scale_deg * 1.25 + 3.0 / 60
+    hh = 0.5 * ny * scale_deg * 1.25 + 3.0 / 60
+    fields: list[StarField] = []
+    for k, tg in enumerate(plan.targets):
+        fields.append(make_starfield(tg.ra, tg.dec, hw, hh, star_density, _rng(seed, 4, k),
+                                     id_base=(k + 1) * 10 ** 15 + 4_000_000_000_000_000))
+    visit_cond = _visit_conditions(plan, seed, physics, max_pointing_error_arcmin, max_rotation_deg, (nx, ny))
+    truths: dict[int, FrameTruth] = {}
+    for spec in plan.science():
+        truths[spec.index] = _frame_truth(spec, plan, visit_cond[spec.visit], seed, physics, (nx, ny), pv1, pv2)
+    trail_frames = _trail_frames(plan, seed, trail_fraction) if physics.satellite_trail else set()
+    tr_list = (_make_transients(plan, fields, truths, seed, n_transients, (nx, ny))
+               if (transients and physics.transients) else [])
+
+    # raw frames
+    for spec in plan.frames:
+        t0 = time.time()
+        name = spec.filename(unit)
+        if spec.kind == "science":
+            raw, frame_truth, mask, stars = _science_frame(spec, truths[spec.index], fields[spec.target], det,
+                                                           tr_list, spec.index in trail_frames, seed, physics,
+                                                           cr_rate, unit)
+        else:
+            raw, frame_truth, mask = _calibration_frame(spec, det, seed, physics, cr_rate)
+            stars = None
+        hdr = raw_header(unit=unit, kind=spec.kind, obj=spec.obj, filt=spec.filt, exptime=spec.exptime,
+                         date_obs=spec.t_start,
+                         ra=truths[spec.index].header_ra if spec.kind == "science" else None,
+                         dec=truths[spec.index].header_dec if spec.kind == "science" else None,
+                         obj_ra=plan.targets[spec.target].ra if spec.kind == "science" else None,
+                         obj_dec=plan.targets[spec.target].dec if spec.kind == "science" else None,
+                         spelling=spec.spelling, seq=spec.index,
+                         ccd_temp=ins.CCD_TEMP + float(_rng(seed, 9, spec.index).normal(0, 0.05)))
+        fitsio.write_fits(night_dir / name, raw, hdr)
+        stem = naming.stem(name)
+        frame_truth["file"] = name
+        frame_truth["header_date_obs"] = spec.t_start.isot
+        fitsio.write_text(truth_dir / "frames" / f"{stem}.json", json.dumps(frame_truth, indent=1))
+        if mask is not None:
+            fitsio.write_fits(truth_dir / "frames" / f"{stem}.mask.fits", None, fits.Header(),
+                              extra_hdus=[fits.CompImageHDU(mask, compression_type="RICE_1", name="MASK")])
+        if stars is not None:
+            with fitsio.atomic_path(truth_dir / "frames" / f"{stem}.stars.csv") as tmp:
+                stars.write(tmp, format="ascii.csv", overwrite=True)
+        say(f"{name} ({time.time() - t0:.1f} s)")
+
+    # calibration truth
+    _write_calib_truth(truth_dir / "calib", det, filters)
+    # reference data
+    ref_info: dict[str, dict] = {}
+    if references:
+        ref_info = _write_references(out, base, plan, fields, truths, tr_list, filters, seed, (nx, ny),
+                                     stack_size, say)
+    # master archive
+    if archive_nights is None and not calib:
+        d = Time(f"{night}T12:00:00")
+        archive_nights = [(d - TimeDelta(k, format="jd")).isot[:10] for k in (3, 9)]
+    archive = write_master_archive(base / "master_frame_1x1_gain2750", unit, det, archive_nights or [],
+                                   filters, seed) if archive_nights else []
+    # sky grid
+    _write_skygrid(base / "skygrid.fits", plan, seed)
+    # path.json
+    path_json = out / "path.json"
+    cfg = {
+        "_comment": "written by gppy simulate; blank values fall back to v1 defaults derived from path_base",
+        "path_base": str(base),
+        "path_obsdata": str(out / "obsdata"),
+        "path_processed": "",
+        "path_refcat": "",
+        "path_ref_scamp": "",
+        "path_log": "",
+        "ref_frame": "",
+        "path_mframe": "",
+        "path_scratch": "",
+        "skygrid": str(base / "skygrid.fits"),
+        "settings": {"stack_size": list(stack_size), "units": [unit]},
+    }
+    fitsio.write_text(path_json, json.dumps(cfg, indent=1))
+    night_truth = {
+        "unit": unit, "night": night, "seed": seed, "size": [nx, ny], "stack_size": list(stack_size),
+        "night_dir": str(night_dir), "filters": filters, "physics": physics.__dict__,
+        "star_density_per_deg2": star_density,
+        "detector": det.to_dict(),
+        "distortion": {"corner_arcsec": distortion_arcsec if physics.distortion else 0.0,
+                       "pv1": {str(k): v for k, v in pv1.items()}, "pv2": {str(k): v for k, v in pv2.items()}},
+        "targets": [{"name": t.name, "ra": t.ra, "dec": t.dec, "tile": t.is_tile} for t in plan.targets],
+        "visits": [{"index": v.index, "target": plan.targets[v.target].name, "filter": v.filt,
+                    "exptime": v.exptime, "frames": [plan.frames[i].filename(unit) for i in v.frames]}
+                   for v in plan.visits],
+        "frames": [{"file": f.filename(unit), "kind": f.kind, "object": f.obj, "filter": f.filt,
+                    "exptime": f.exptime, "date_obs": f.t_start.isot} for f in plan.frames],
+        "trail_frames": sorted(plan.frames[i].filename(unit) for i in trail_frames),
+        "references": ref_info,
+        "master_archive": [str(p) for p in archive],
+        "conventions": {
+            "pixels": "x_0based/y_0based: pixel centres at integers from 0; x_1based = x_0based + 1 (FITS, SExtractor)",
+            "zp": "zp_adu: AB mag of a source giving 1 ADU in total in the whole exposure, in the "
+                  "calibrated frame (raw - bias - dark) / flat with the true flat at median 1; "
+                  "zp_adu_per_s = zp_adu - 2.5 log10(EXPTIME)",
+            "sky_adu": "mean sky in the calibrated frame (ADU per pixel) at the frame centre",
+            "epoch": "star ra/dec in truth CSVs are at the mid-exposure epoch; the Gaia CSV is at 2016.0",
+        },
+        "elapsed_s": round(time.time() - t_begin, 2),
+    }
+    fitsio.write_text(truth_dir / "night.json", json.dumps(night_truth, indent=1))
+    fitsio.write_text(truth_dir / "transients.json", json.dumps(tr_list, indent=1))
+    return path_json
+
+
+# ----------------------------------------------------------------------------------------- plan
+
+
+def _visit_conditions(plan: Plan, seed: int, ph: Physics, max_err_arcmin: float, max_rot: float,
+                      size: tuple[int, int]) -> dict[int, VisitConditions]:
+    out = {}
+    nx, ny = size
+    for v in plan.visits:
+        r = _rng(seed, 5, v.index)
+        dmax = 0.015 * min(nx, ny) * ins.PIXEL_SCALE
+        dither = tuple(r.uniform(-dmax, dmax, 2))
+        err_r = r.uniform(0.3, max_err_arcmin) * 60.0 if ph.pointing_error else 0.0
+        err_a = r.uniform(0, 2 * np.pi)
+        rot = r.uniform(-max_rot, max_rot) if ph.rotation else 0.0
+        out[v.index] = VisitConditions((float(dither[0]), float(dither[1])),
+                                       (float(err_r * np.cos(err_a)), float(err_r * np.sin(err_a))),
+                                       float(rot), float(r.uniform(2.0, 3.4)), float(r.uniform(2.8, 4.2)),
+                                       float(r.uniform(0.0, 0.08)), float(r.normal(0.0, 0.08)))
+    return out
+
+
+def _frame_truth(spec: FrameSpec, plan: Plan, vc: VisitConditions, seed: int, ph: Physics,
+                 size: tuple[int, int], pv1: dict, pv2: dict) -> FrameTruth:
+    from gppy.sim.header import airmass, alt_az
+
+    nx, ny = size
+    r = _rng(seed, 6, spec.index)
+    tg = plan.targets[spec.target]
+    jit = r.normal(0.0, 1.5, 2)
+    ra_c, dec_c = offset_radec(tg.ra, tg.dec, vc.dither_arcsec[0] + jit[0], vc.dither_arcsec[1] + jit[1])
+    rot = vc.rotation_deg + (r.normal(0.0, 0.003) if ph.rotation else 0.0)
+    wcs = FrameWCS(ra_c, dec_c, ((nx + 1) / 2.0, (ny + 1) / 2.0), rot, ins.PIXEL_SCALE, dict(pv1), dict(pv2))
+    perr = r.normal(0.0, 2.0, 2) if ph.pointing_error else np.zeros(2)
+    hra, hdec = offset_radec(ra_c, dec_c, vc.pointing_error_arcsec[0] + perr[0],
+                             vc.pointing_error_arcsec[1] + perr[1])
+    if ph.seeing_variation:
+        psf = PSFModel(vc.fwhm_arcsec * float(np.exp(r.normal(0.0, 0.05))), vc.beta, 0.12,
+                       float(r.uniform(0.0, 0.05)), float(r.uniform(0, 180)), 0.06)
+    else:
+        psf = PSFModel(2.6, 3.5, 0.0, 0.0, 0.0, 0.0)
+    alt, _ = alt_az(ra_c, dec_c, spec.t_mid)
+    am = airmass(alt)
+    filt = ins.get_filter(spec.filt)
+    transp = max(0.0, vc.transparency_mag + float(r.normal(0.0, 0.01)))
+    zp = ins.zp_adu(filt, spec.exptime, am, transp)
+    sky = ins.sky_adu(filt, spec.exptime, am, vc.sky_dmag + float(r.normal(0.0, 0.02))) if ph.sky else 0.0
+    grad = (float(r.normal(0.0, 0.01)), float(r.normal(0.0, 0.01))) if ph.sky else (0.0, 0.0)
+    return FrameTruth(spec, wcs, hra, hdec, psf, zp, am, sky, grad, transp,
+                      float(r.normal(0.0, 0.5)) if ph.bias_structure else 0.0)
+
+
+def _trail_frames(plan: Plan, seed: int, fraction: float) -> set[int]:
+    sci = plan.science()
+    r = _rng(seed, 7)
+    chosen = {s.index for s in sci if r.uniform() < fraction}
+    if sci and not chosen:
+        chosen.add(sci[min(1, len(sci) - 1)].index)
+    return chosen
+
+
+# ----------------------------------------------------------------------------------- transients
+
+
+def _noise_e(tr: FrameTruth, det: Detector) -> float:
+    """Per-pixel variance (e-^2) of the background of a frame."""
+    return tr.sky_adu * det.gain + ins.DARK_CURRENT_E * tr.spec.exptime + det.read_noise_e ** 2
+
+
+def _flux_for_snr(snr_visit: float, nframes: int, fwhm_px: float, beta: float, var_e: float) -> float:
+    """Per-frame flux (e-) so that PSF-optimal photometry of ``nframes`` stacked frames gives
+    ``snr_visit``."""
+    s1 = snr_visit / math.sqrt(nframes)
+    b = float(moffat_neff(fwhm_px, beta)) * var_e
+    return 0.5 * (s1 * s1 + math.sqrt(s1 ** 4 + 4 * s1 * s1 * b))
+
+
+def _snr(flux_e: float, fwhm_px: float, beta: float, var_e: float) -> float:
+    b = float(moffat_neff(fwhm_px, beta)) * var_e
+    return flux_e / math.sqrt(flux_e + b)
+
+
+def _make_transients(plan: Plan, fields: list[StarField], truths: dict[int, FrameTruth], seed: int,
+                     n_per_target: int, size: tuple[int, int]) -> list[dict]:
+    """Transients of every target: static point sources with visit S/N 3..100 (some next to
+    bright stars), one source that fades relative to the references and one moving object."""
+    nx, ny = size
+    out: list[dict] = []
+    scale = ins.PIXEL_SCALE / 3600.0
+    from gppy.sim.optics import tan_deproject
+
+    det_var = {}
+    for k, tg in enumerate(plan.targets):
+        r = _rng(seed, 8, k)
+        vis = [v for v in plan.visits if v.target == k]
+        ref_frame = {}
+        for v in vis:                       # the first normal visit of each filter sets the mags
+            if v.filt not in ref_frame and len(v.frames) > 1:
+                ref_frame[v.filt] = (truths[v.frames[0]], len(v.frames))
+        for v in vis:
+            if v.filt not in ref_frame:
+                ref_frame[v.filt] = (truths[v.frames[0]], len(v.frames))
+        box_x, box_y = 0.38 * nx * scale, 0.38 * ny * scale
+        snrs = np.geomspace(3.0, 100.0, n_per_target) if n_per_target > 1 else np.array([20.0])
+        f = fields[k]
+        bright = np.flatnonzero((f.gmag > 11.0) & (f.gmag < 14.0) & inside_box(f, tg.ra, tg.dec, box_x, box_y))
+        near = set(r.choice(n_per_target, size=min(3, n_per_target, bright.size), replace=False).tolist()) \
+            if bright.size else set()
+        for j, snr in enumerate(snrs):
+            if j in near:
+                host = int(r.choice(bright))
+                sep = r.uniform(3.0, 8.0)
+                ang = r.uniform(0, 2 * np.pi)
+                ra, dec = offset_radec(float(f.ra[host]), float(f.dec[host]), sep * np.cos(ang), sep * np.sin(ang))
+                kind, extra = "near_bright", {"bright_star_source_id": int(f.source_id[host]),
+                                              "bright_star_gmag": float(f.gmag[host]),
+                                              "separation_arcsec": float(sep)}
+            else:
+                xi, eta = r.uniform(-box_x, box_x), r.uniform(-box_y, box_y)
+                rr, dd = tan_deproject(np.array([xi]), np.array([eta]), tg.ra, tg.dec)
+                ra, dec = float(rr[0]), float(dd[0])
+                kind, extra = "static", {}
+            mags = {}
+            for filt, (ft, nfr) in ref_frame.items():
+                key = ft.spec.index
+                if key not in det_var:
+                    det_var[key] = ft.sky_adu * ins.EGAIN + ins.DARK_CURRENT_E * ft.spec.exptime + ins.READ_NOISE_E ** 2
+                fe = _flux_for_snr(float(snr), nfr, ft.psf.fwhm_arcsec / ins.PIXEL_SCALE, ft.psf.beta, det_var[key])
+                mags[filt] = float(ft.zp - 2.5 * np.log10(fe / ins.EGAIN))
+            out.append({"id": f"TR{k:02d}{j:02d}", "target": tg.name, "kind": kind, "ra": ra, "dec": dec,
+                        "mag": mags, "snr_visit_design": float(snr), **extra, "frames": []})
+        if k == 0:
+            xi, eta = r.uniform(-box_x, box_x), r.uniform(-box_y, box_y)
+            rr, dd = tan_deproject(np.array([xi]), np.array([eta]), tg.ra, tg.dec)
+            m_ref = {filt: 16.8 + float(r.uniform(-0.3, 0.3)) for filt in ref_frame}
+            out.append({"id": f"TR{k:02d}FD", "target": tg.name, "kind": "fading", "ra": float(rr[0]),
+                        "dec": float(dd[0]), "mag": {fl: m + 1.5 for fl, m in m_ref.items()},
+                        "mag_reference": m_ref, "frames": []})
+            # moving object: starts near the centre, 45"/h
+            xi, eta = r.uniform(-0.2, 0.2) * box_x, r.uniform(-0.2, 0.2) * box_y
+            rr, dd = tan_deproject(np.array([xi]), np.array([eta]), tg.ra, tg.dec)
+            t_ref = min(truths[i].spec.t_start for v in vis for i in v.frames)
+            mags = {}
+            for filt, (ft, _nfr) in ref_frame.items():
+                fe = _flux_for_snr(30.0, 1, ft.psf.fwhm_arcsec / ins.PIXEL_SCALE, ft.psf.beta,
+                                   ft.sky_adu * ins.EGAIN + ins.READ_NOISE_E ** 2)
+                mags[filt] = float(ft.zp - 2.5 * np.log10(fe / ins.EGAIN))
+            out.append({"id": f"TR{k:02d}MV", "target": tg.name, "kind": "moving", "ra": float(rr[0]),
+                        "dec": float(dd[0]), "t_ref": t_ref.isot, "rate_arcsec_per_hour": 45.0,
+                        "pa_deg": float(r.uniform(0, 360)), "mag": mags, "snr_single_design": 30.0,
+                        "frames": []})
+    return out
+
+
+def _transient_position(tr: dict, t: Time) -> tuple[float, float]:
+    if tr["kind"] != "moving":
+        return tr["ra"], tr["dec"]
+    dt_h = (t - Time(tr["t_ref"], scale="utc")).to_value("hour")
+    d = tr["rate_arcsec_per_hour"] * dt_h
+    pa = np.deg2rad(tr["pa_deg"])
+    return offset_radec(tr["ra"], tr["dec"], d * np.sin(pa), d * np.cos(pa))
+
+
+# ---------------------------------------------------------------------------------------- frames
+
+
+def _science_frame(spec: FrameSpec, tr: FrameTruth, fld: StarField, det: Detector, transients: list[dict],
+                   trail: bool, seed: int, ph: Physics, cr_rate: float, unit: str):
+    ny, nx = det.shape
+    size = (nx, ny)
+    r = _rng(seed, 10, spec.index)
+    # sky plane
+    yy = (np.arange(ny, dtype=np.float32)[:, None] - (ny - 1) / 2) / ny
+    xx = (np.arange(nx, dtype=np.float32)[None, :] - (nx - 1) / 2) / nx
+    signal = (tr.sky_adu * (1.0 + tr.sky_gradient[0] * xx + tr.sky_gradient[1] * yy)).astype(np.float32)
+    # stars
+    epoch = _epoch_year(spec.t_mid)
+    ra, dec = fld.positions_at(epoch)
+    x, y = tr.wcs.world_to_pixel(ra, dec)
+    near = (x > -150) & (x < nx + 150) & (y > -150) & (y < ny + 150)
+    mags = fld.mag(spec.filt)
+    flux = 10 ** (-0.4 * (mags - tr.zp))
+    fwhm, ell, theta = tr.psf.at(x, y, size)
+    if not ph.saturation:
+        from gppy.sim.optics import moffat_alpha
+        peak = flux * (tr.psf.beta - 1) / (np.pi * moffat_alpha(fwhm, tr.psf.beta) ** 2)
+        near &= peak * np.median(det.flat(spec.filt)) < 0.7 * (ins.ADC_MAX - ins.BIAS_LEVEL - tr.sky_adu)
+    if ph.stars:
+        render_moffat(signal, x[near], y[near], flux[near], fwhm[near], tr.psf.beta, ell[near], theta[near])
+    # transients
+    tr_rows = []
+    for t in transients:
+        if t["target"] != spec.obj or spec.filt not in t["mag"]:
+            continue
+        m = t["mag"][spec.filt]
+        f_tot = 10 ** (-0.4 * (m - tr.zp))
+        if t["kind"] == "moving":
+            ts = [spec.t_start + TimeDelta(spec.exptime * (i + 0.5) / 5, format="sec") for i in range(5)]
+            pos = [_transient_position(t, tt) for tt in ts]
+            pra = np.array([p[0] for p in pos])
+            pdec = np.array([p[1] for p in pos])
+            fsub = np.full(5, f_tot / 5)
+        else:
+            pra, pdec = np.array([t["ra"]]), np.array([t["dec"]])
+            fsub = np.array([f_tot])
+        px, py = tr.wcs.world_to_pixel(pra, pdec)
+        tf, te, tt_ = tr.psf.at(px, py, size)
+        render_moffat(signal, px, py, fsub, tf, tr.psf.beta, te, tt_)
+        mra, mdec = _transient_position(t, spec.t_mid)
+        mx, my = tr.wcs.world_to_pixel(np.array([mra]), np.array([mdec]))
+        row = {"file": spec.filename(unit), "t_mid": spec.t_mid.isot, "ra": mra, "dec": mdec,
+               "x_0based": float(mx[0]), "y_0based": float(my[0]), "flux_adu": float(f_tot), "mag": m,
+               "zp_adu": tr.zp,
+               "snr_expected": _snr(f_tot * det.gain, float(tf.mean()), tr.psf.beta, _noise_e(tr, det)),
+               "in_frame": bool(0 <= mx[0] <= nx - 1 and 0 <= my[0] <= ny - 1)}
+        t["frames"].append(row)
+        tr_rows.append(row)
+    # satellite trail
+    mask = np.zeros((ny, nx), np.uint8)
+    if trail:
+        ang = r.uniform(0, np.pi)
+        cx, cy = r.uniform(0.3, 0.7) * nx, r.uniform(0.3, 0.7) * ny
+        p0 = (float(cx), float(cy))
+        p1 = (float(cx + np.cos(ang) * 100), float(cy + np.sin(ang) * 100))
+        sigma_pix = math.sqrt(_noise_e(tr, det)) / det.gain
+        amp = float(r.uniform(4.0, 15.0) * sigma_pix)
+        fw = tr.psf.fwhm_arcsec / ins.PIXEL_SCALE
+        thresh = 0.25 * sigma_pix
+        for r0 in range(0, ny, 1024):
+            rows = slice(r0, min(ny, r0 + 1024))
+            prof = line_profile((ny, nx), p0, p1, fw, rows) * amp
+            signal[rows] += prof
+            mask[rows][prof > thresh] |= MASK_TRAIL
+        tr.trail = {"point0_0based": p0, "point1_0based": p1, "angle_deg": float(np.rad2deg(ang)),
+                    "peak_adu": amp, "fwhm_px": fw, "mask_threshold_adu": thresh,
+                    "profile": "Gaussian across the line, constant along it, crossing the whole frame"}
+    n_cr = int(r.poisson(cr_rate * nx * ny / 1e6 * spec.exptime)) if ph.cosmic_rays else 0
+    cr_pix, cr_e = cosmic_rays((ny, nx), n_cr, r)
+    exp = Exposure(spec.exptime, spec.filt, signal, cr_pix, cr_e, tr.bias_offset)
+    raw = read_out(det, exp, _rng(seed, 11, spec.index))
+    _fixed_masks(mask, det, raw, cr_pix)
+    # truth tables
+    sel = near & (x >= -0.5) & (x <= nx - 0.5) & (y >= -0.5) & (y <= ny - 0.5)
+    ix = np.clip(np.rint(x[sel]).astype(int), 0, nx - 1)
+    iy = np.clip(np.rint(y[sel]).astype(int), 0, ny - 1)
+    stars = Table()
+    stars["source_id"] = fld.source_id[sel]
+    stars["ra"] = ra[sel]
+    stars["dec"] = dec[sel]
+    stars["x_0based"] = x[sel]
+    stars["y_0based"] = y[sel]
+    stars["x_1based"] = x[sel] + 1.0
+    stars["y_1based"] = y[sel] + 1.0
+    stars["flux_adu"] = flux[sel]
+    stars["mag"] = mags[sel]
+    stars["gmag"] = fld.gmag[sel]
+    stars["fwhm_arcsec"] = fwhm[sel] * ins.PIXEL_SCALE
+    stars["ellipticity"] = ell[sel]
+    stars["saturated"] = raw[iy, ix] >= ins.ADC_MAX
+    for c in ("ra", "dec"):
+        stars[c].info.format = ".8f"
+    for c in ("x_0based", "y_0based", "x_1based", "y_1based"):
+        stars[c].info.format = ".4f"
+    for c in ("flux_adu", "mag", "gmag", "fwhm_arcsec", "ellipticity"):
+        stars[c].info.format = ".5g"
+    fw_all = fwhm[sel] * ins.PIXEL_SCALE
+    truth = {
+        "kind": "science", "object": spec.obj, "filter": spec.filt, "exptime": spec.exptime,
+        "t_mid": spec.t_mid.isot, "epoch_jyear": epoch,
+        "wcs_header": tr.wcs.header().tostring(sep="\n"),
+        "crval": [tr.wcs.ra0, tr.wcs.dec0], "rotation_deg": tr.wcs.rotation_deg,
+        "header_radec": [tr.header_ra, tr.header_dec],
+        "pointing_offset_arcsec": _offset_arcsec(tr.header_ra, tr.header_dec, tr.wcs.ra0, tr.wcs.dec0),
+        "zp_adu": tr.zp, "zp_adu_per_s": tr.zp - 2.5 * math.log10(spec.exptime),
+        "airmass": tr.airmass, "transparency_loss_mag": tr.transparency_mag,
+        "fwhm_center_arcsec": tr.psf.fwhm_arcsec, "fwhm_median_arcsec": float(np.median(fw_all)) if fw_all.size else None,
+        "psf": tr.psf.to_dict(),
+        "sky_adu": tr.sky_adu, "sky_gradient_per_frame": list(tr.sky_gradient),
+        "sky_model": "sky_adu * (1 + gx * (x - cx)/NAXIS1 + gy * (y - cy)/NAXIS2), 0-based pixels, c = centre",
+        "gain_e_per_adu": det.gain, "read_noise_adu": det.read_noise_adu, "read_noise_e": det.read_noise_e,
+        "bias_offset_adu": tr.bias_offset, "n_cosmic_rays": n_cr, "trail": tr.trail,
+        "n_stars_in_frame": int(sel.sum()), "n_saturated_stars": int(stars["saturated"].sum()),
+        "transients": [row | {"id": t["id"]} for t in transients for row in t["frames"]
+                       if row["file"] == spec.filename(unit)],
+        "mask_bits": {"cosmic_ray": MASK_CR, "trail": MASK_TRAIL, "saturated": MASK_SATURATED,
+                      "bad_column": MASK_BADCOL, "hot_pixel": MASK_HOT},
+    }
+    return raw, truth, mask, stars
+
+
+def _offset_arcsec(ra1: float, dec1: float, ra2: float, dec2: float) -> list[float]:
+    from gppy.sim.optics import tan_project
+    xi, eta = tan_project(np.array([ra1]), np.array([dec1]), ra2, dec2)
+    return [float(xi[0] * 3600), float(eta[0] * 3600)]
+
+
+def _fixed_masks(mask: np.ndarray, det: Detector, raw: np.ndarray, cr_pix: np.ndarray) -> None:
+    if cr_pix.size:
+        mask.reshape(-1)[cr_pix] |= MASK_CR
+    mask[raw >= ins.ADC_MAX] |= MASK_SATURATED
+    for b in det.bad_columns:
+        mask[b.y0:b.y1, b.x] |= MASK_BADCOL
+    mask[det.hot_pixel_mask] |= MASK_HOT
+
+
+def _calibration_frame(spec: FrameSpec, det: Detector, seed: int, ph: Physics, cr_rate: float):
+    ny, nx = det.shape
+    r = _rng(seed, 10, spec.index)
+    offset = float(r.normal(0.0, 0.5)) if ph.bias_structure else 0.0
+    level = None
+    signal = None
+    if spec.kind == "flat":
+        level = float(25000.0 * np.exp(r.normal(0.0, 0.03)))
+        signal = np.full((ny, nx), level, np.float32)
+    n_cr = int(r.poisson(cr_rate * nx * ny / 1e6 * spec.exptime)) if (ph.cosmic_rays and spec.exptime > 0) else 0
+    cr_pix, cr_e = cosmic_rays((ny, nx), n_cr, r)
+    exp = Exposure(spec.exptime, spec.filt if spec.kind == "flat" else None, signal, cr_pix, cr_e, offset)
+    raw = read_out(det, exp, _rng(seed, 11, spec.index))
+    mask = np.zeros((ny, nx), np.uint8)
+    _fixed_masks(mask, det, raw, cr_pix)
+    truth = {"kind": spec.kind, "object": spec.obj, "filter": spec.filt, "exptime": spec.exptime,
+             "bias_offset_adu": offset, "flat_level_adu": level, "n_cosmic_rays": n_cr,
+             "gain_e_per_adu": det.gain, "read_noise_adu": det.read_noise_adu, "read_noise_e": det.read_noise_e,
+             "mask_bits": {"cosmic_ray": MASK_CR, "saturated": MASK_SATURATED, "bad_column": MASK_BADCOL,
+                           "hot_pixel": MASK_HOT}}
+    return raw, truth, mask
+
+
+# ---------------------------------------------------------------------------------- calib truth
+
+
+def _write_calib_truth(d: Path, det: Detector, filters: list[str]) -> None:
+    h = fits.Header()
+    h["BUNIT"] = "ADU"
+    h["COMMENT"] = "true bias (noiseless; each frame adds bias_offset_adu from its truth JSON)"
+    fitsio.write_fits(d / "bias.fits", det.bias.astype(np.float32), h)
+    h = fits.Header()
+    h["BUNIT"] = "e-/s"
+    h["EGAIN"] = det.gain
+    h["COMMENT"] = "true dark current incl. hot pixels and hot columns; ADU = value * t / EGAIN"
+    fitsio.write_fits(d / "dark_current.fits", det.dark.astype(np.float32), h)
+    for f in filters:
+        h = fits.Header()
+        h["FILTER"] = f
+        h["COMMENT"] = "true response (vignetting x dust x PRNU x dead columns), median 1"
+        fitsio.write_fits(d / f"flat_{f}.fits", det.flat(f), h)
+
+
+# ---------------------------------------------------------------------------------- references
+
+
+def _write_references(out: Path, base: Path, plan: Plan, fields: list[StarField],
+                      truths: dict[int, FrameTruth], tr_list: list[dict], filters: list[str], seed: int,
+                      size: tuple[int, int], stack_size: tuple[int, int], say) -> dict:
+    from gppy.sim.optics import FrameWCS as _W
+
+    info: dict[str, dict] = {}
+    nx, ny = size
+    night_mid = Time(np.mean([t.spec.t_mid.mjd for t in truths.values()]), format="mjd", scale="utc")
+    for k, tg in enumerate(plan.targets):
+        r = _rng(seed, 12, k)
+        tab = gaia_table(fields[k], r)
+        p = base / "ref_cat" / f"gaiaxp_dr3_synphot_{tg.name}.csv"
+        with fitsio.atomic_path(p) as tmp:
+            tab.write(tmp, format="ascii.csv", overwrite=True)
+        info[p.name] = {"kind": "gaiaxp_csv", "rows": len(tab), "epoch": 2016.0}
+        scamp = _write_scamp(p, night_mid, base / "ref_scamp" / f"{tg.name}.fits")
+        if scamp:
+            info[scamp.name] = {"kind": "scamp_reference", "obstime": night_mid.isot}
+        fading = [(t["ra"], t["dec"], t["mag_reference"]) for t in tr_list
+                  if t["kind"] == "fading" and t["target"] == tg.name]
+        used = sorted({v.filt for v in plan.visits if v.target == k}, key=filters.index)
+        for j, filt in enumerate(used):
+            # visit depth: the first visit of this filter
+            v = next(v for v in plan.visits if v.target == k and v.filt == filt)
+            ft = truths[v.frames[0]]
+            var_e = _noise_e_simple(ft)
+            f5 = _flux_for_snr(5.0, 3, ft.psf.fwhm_arcsec / ins.PIXEL_SCALE, ft.psf.beta, var_e)
+            depth_visit = ft.zp - 2.5 * math.log10(f5 / ins.EGAIN)
+            sharp = (k + j) % 2 == 0
+            psf = PSFModel(float(r.uniform(1.2, 1.6) if sharp else r.uniform(3.6, 4.4)),
+                           float(r.uniform(4.0, 6.0) if sharp else r.uniform(2.3, 2.8)), 0.05,
+                           float(r.uniform(0, 0.04)), float(r.uniform(0, 180)), 0.02)
+            scale = 0.25
+            rw = int(math.ceil(stack_size[0] * ins.PIXEL_SCALE / scale * 1.12))
+            rh = int(math.ceil(stack_size[1] * ins.PIXEL_SCALE / scale * 1.12))
+            rot = float(r.uniform(3.0, 12.0) * r.choice([-1, 1]))
+            cra, cdec = offset_radec(tg.ra, tg.dec, *r.uniform(-20, 20, 2))
+            wcs = _W(cra, cdec, ((rw + 1) / 2.0, (rh + 1) / 2.0), rot, scale)
+            extra = [(fr, fd, fm[filt]) for fr, fd, fm in fading if filt in fm]
+            data, weight, rinfo = reference_image(fields[k], wcs, (rw, rh), filt, 2013.0, psf,
+                                                  depth_visit + 1.5, r, extra, gap=(k == 0 and j == 0))
+            name = f"ref_PS1_{tg.name}_00000000_000000_{filt}_0.fits"
+            hdr = reference_header(wcs, rinfo, tg.name, filt, "PS1-like (simulated)")
+            dest = base / "ref_frame" / filt / name
+            fitsio.write_fits(dest, data, hdr)
+            rinfo["sharper_than_science"] = sharp
+            rinfo["fading_sources"] = extra
+            info[name] = rinfo
+            fitsio.write_text(out / "truth" / "refs" / f"{naming.stem(name)}.json", json.dumps(rinfo, indent=1))
+            say(name)
+            if k == 0:
+                # a 7DT reference exactly on the tile grid
+                w7 = _W(tg.ra, tg.dec, ((stack_size[0] + 1) / 2.0, (stack_size[1] + 1) / 2.0), 0.0, ins.PIXEL_SCALE)
+                psf7 = PSFModel(float(r.uniform(2.0, 2.6)), 3.5, 0.05, 0.02, 0.0, 0.02)
+                zp7 = ft.zp - 2.5 * math.log10(ft.spec.exptime) + 2.5 * math.log10(2100.0)
+                d7, w7map, i7 = reference_image(fields[k], w7, stack_size, filt, 2024.88, psf7,
+                                                depth_visit + 1.2, r, extra, magzero=zp7)
+                n7 = f"ref_7DT_{tg.name}_20241117_190933_{filt}_2100.com.fits"
+                h7 = reference_header(w7, i7, tg.name, filt, "7DT deep stack (simulated)", exptime=2100.0)
+                h7["EGAIN"] = (ins.EGAIN * 21 * 2 / 3, "[e-/ADU] effective gain of the stack")
+                i7["egain_e_per_count"] = h7["EGAIN"]
+                dest = base / "ref_frame" / filt / n7
+                fitsio.write_fits(dest, d7, h7)
+                fitsio.write_fits(naming.weight_of(dest), w7map, h7)
+                i7["fading_sources"] = extra
+                info[n7] = i7
+                fitsio.write_text(out / "truth" / "refs" / f"{naming.stem(n7)}.json", json.dumps(i7, indent=1))
+                say(n7)
+    return info
+
+
+def _noise_e_simple(ft: FrameTruth) -> float:
+    return ft.sky_adu * ins.EGAIN + ins.DARK_CURRENT_E * ft.spec.exptime + ins.READ_NOISE_E ** 2
+
+
+def _write_scamp(csv: Path, obstime: Time, dest: Path) -> Path | None:
+    """The SCAMP reference (positions at the night's epoch) through gppy.refcat, if present."""
+    try:
+        from gppy import refcat
+    except ImportError:
+        return None
+    if not hasattr(refcat, "write_scamp_reference"):
+        return None
+    return Path(refcat.write_scamp_reference(refcat.load_gaiaxp(csv), obstime, dest))
+
+
+# ------------------------------------------------------------------------------------- archive
+
+
+def write_master_archive(mframe: Path, unit: str, det: Detector, nights: Sequence[str], filters: Sequence[str],
+                         seed: int, dark_exptimes: Sequence[float] = (100.0, 300.0), n_combined: int = 9) -> list[Path]:
+    """Masters of earlier nights, as the calibration stage would have archived them.
+
+    Bias: true bias + a per-night level offset + read noise / sqrt(n_combined).
+    Dark: bias-subtracted, ``dark_current * t / gain`` + noise. Flat: the true response
+    (median 1) with Poisson noise of ``n_combined`` flats at 25000 ADU.
+    """
+    out: list[Path] = []
+    for i, night in enumerate(nights):
+        r = _rng(seed, 13, i)
+        t = Time(f"{night}T23:00:00", scale="utc")
+        ymd = t.strftime("%Y%m%d")
+        noise = det.read_noise_adu / math.sqrt(n_combined)
+        h = fits.Header()
+        h["IMAGETYP"] = "Bias"
+        h["DATE-OBS"] = t.isot
+        h["NCOMBINE"] = n_combined
+        h["EXPTIME"] = 0.0
+        bias = det.bias + float(r.normal(0, 0.5)) + r.normal(0, noise, det.shape).astype(np.float32)
+        out.append(fitsio.write_fits(naming.master_zero(mframe, unit, ymd), bias.astype(np.float32), h))
+        for e in dark_exptimes:
+            h = fits.Header()
+            h["IMAGETYP"] = "Dark"
+            h["DATE-OBS"] = t.isot
+            h["EXPTIME"] = float(e)
+            h["NCOMBINE"] = n_combined
+            dk = det.dark * e / det.gain
+            dk = dk + r.normal(0, 1, det.shape) * np.sqrt(dk / det.gain + det.read_noise_adu ** 2 * 2) / math.sqrt(n_combined)
+            out.append(fitsio.write_fits(naming.master_dark(mframe, unit, e, ymd), dk.astype(np.float32), h))
+        for f in filters:
+            h = fits.Header()
+            h["IMAGETYP"] = "Flat"
+            h["DATE-OBS"] = t.isot
+            h["FILTER"] = f
+            h["NCOMBINE"] = n_combined
+            fl = det.flat(f)
+            fl = fl * (1 + r.normal(0, 1, det.shape) / math.sqrt(25000 * det.gain * n_combined)).astype(np.float32)
+            fl = fl / np.median(fl)
+            out.append(fitsio.write_fits(naming.master_flat(mframe, unit, f, ymd), fl.astype(np.float32), h))
+    return out
+
+
+# -------------------------------------------------------------------------------------- skygrid
+
+
+def _write_skygrid(dest: Path, plan: Plan, seed: int) -> None:
+    """A sky grid in the 7DS format holding the simulated tiles (and their neighbours)."""
+    ids, ras, decs, names = [], [], [], []
+    for tg in plan.targets:
+        if not tg.is_tile:
+            continue
+        for di, (dra, ddec) in enumerate([(0, 0), (-1.3, 0), (1.3, 0), (0, -0.86), (0, 0.86)]):
+            tid = tg.tile_id + [0, -1, 1, -100, 100][di]
+            if tid in ids or not 0 <= tid <= 99999:
+                continue
+            ra = (tg.ra + dra / math.cos(math.radians(tg.dec))) % 360.0
+            ids.append(tid)
+            ras.append(ra)
+            decs.append(tg.dec + ddec)
+            names.append(f"T{tid:05d}")
+    order = np.argsort(ids)
+    cols = [fits.Column("id", "K", array=np.array(ids, np.int64)[order]),
+            fits.Column("ra", "D", array=np.array(ras)[order]),
+            fits.Column("dec", "D", array=np.array(decs)[order]),
+            fits.Column("tile", "6A", array=np.array(names)[order])]
+    tab = fits.BinTableHDU.from_columns(cols)
+    fitsio.write_fits(dest, None, fits.Header(), extra_hdus=[tab])

@@ -1,0 +1,22 @@
+#!/bin/bash
+# Start nats-server with deploy/nats/nats.conf (or the file given as GPPY_NATS_CONF).
+# The password is read from the secret file (GPPY_NATS_PASSWORD_FILE, a compose secret) into
+# the environment of the server process only; nats.conf refers to it as $NATS_PASSWORD.
+set -euo pipefail
+pw_file="${GPPY_NATS_PASSWORD_FILE:-/run/secrets/nats_password}"
+if [ -z "${NATS_PASSWORD:-}" ]; then
+  if [ ! -r "$pw_file" ]; then
+    echo "gppy-nats: no password: $pw_file is missing or unreadable (see deploy/secrets/README.md)" >&2
+    exit 1
+  fi
+  NATS_PASSWORD="$(tr -d '\r\n' < "$pw_file")"
+fi
+if [ -z "$NATS_PASSWORD" ]; then
+  echo "gppy-nats: the password file $pw_file is empty" >&2
+  exit 1
+fi
+export NATS_PASSWORD
+export NATS_USER="${GPPY_NATS_USER:-gppy}"
+export NATS_SERVER_NAME="${NATS_SERVER_NAME:-$(hostname)}"
+export NATS_MAX_FILE_STORE="${NATS_MAX_FILE_STORE:-20GB}"
+exec nats-server -c "${GPPY_NATS_CONF:-/etc/gppy/nats.conf}" "$@"

@@ -1,0 +1,341 @@
+"""Calibrated photometry of one image (single frame or stack), v1-behaviour.md §7.2.
+
+The steps, in order:
+
+1. Source Extractor pre-run (bright sources only) -> seeing stars matched to the reference
+   -> ``SEEING``, ``PEEING``, ``ELLIP``, ``ELONG`` (:mod:`gppy_phot.seeing`).
+2. Apertures from the seeing (:mod:`gppy_phot.apertures`); detection filter = Gaussian of the
+   seeing.
+3. Main Source Extractor run with the weight and flag maps, the image's EGAIN and SATURATE.
+4. Match to the reference at the observation epoch, ZP per aperture
+   (:mod:`gppy_phot.zeropoint`).
+5. Empirical aperture noise, limiting magnitudes (:mod:`gppy_phot.depth`).
+6. Calibrated columns and the catalogue table (:mod:`gppy_phot.catalog`), the header cards.
+
+This module runs Source Extractor (files in a scratch folder) but writes no product: the
+service does that.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+from astropy.time import Time
+from astropy.wcs import WCS
+from astropy.wcs.utils import proj_plane_pixel_scales
+
+from gppy.fitsio import BadInputError, write_text
+from gppy.refcat import propagate_to_epoch
+from gppy_phot import catalog, depth, seeing, sextractor, zeropoint
+from gppy_phot.apertures import SUFFIXES, ZP_KEYS, ApertureSet, aperture_set
+from gppy_phot.matching import match_sky
+
+log = logging.getLogger(__name__)
+
+#: Seeing assumed by the pre-run (arcsec), as v1's ``-SEEING_FWHM 2.0``.
+PRE_SEEING_ARCSEC = 2.0
+#: Pre-run detection significance (filtered-image sigma): only sources bright enough for a FWHM.
+PRE_DETECT_SIGNIFICANCE = 30.0
+
+
+@dataclass
+class PhotParams:
+    """Settings of the photometry (v1's gphot.config values where v1 had them)."""
+
+    match_radius_arcsec: float = 1.0
+    detect_significance: float = 4.0
+    analysis_thresh: float = 1.5
+    detect_minarea: int = 5
+    back_size: int = 128
+    back_filtersize: int = 3
+    backphoto_type: str = "GLOBAL"
+    default_saturation: float = 60000.0
+    refcat_name: str = "GaiaXP"
+
+
+@dataclass
+class ImageInfo:
+    """What the photometry needs from an image header."""
+
+    nx: int
+    ny: int
+    wcs: WCS
+    pixscale: float
+    gain: float
+    saturation: float
+    obstime: Time
+    filt: str
+    obj: str
+
+    @classmethod
+    def from_header(cls, header: fits.Header, path: str | Path, default_saturation: float) -> ImageInfo:
+        """Read and check the keys; raise :class:`BadInputError` naming what is missing."""
+        nx, ny = int(header.get("NAXIS1", 0)), int(header.get("NAXIS2", 0))
+        if header.get("NAXIS", 0) != 2 or nx < 16 or ny < 16:
+            raise BadInputError(path, f"not a 2-D image (NAXIS={header.get('NAXIS')}, {nx}x{ny})")
+        try:
+            wcs = WCS(header, naxis=2)
+        except Exception as exc:
+            raise BadInputError(path, f"unusable WCS ({exc.__class__.__name__}: {exc})") from exc
+        if not wcs.has_celestial:
+            raise BadInputError(path, "no celestial WCS in the header (was the frame solved?)")
+        pixscale = float(np.mean(proj_plane_pixel_scales(wcs.celestial)) * 3600.0)
+        gain = header.get("EGAIN")
+        try:
+            gain = float(gain)
+        except (TypeError, ValueError):
+            raise BadInputError(path, f"EGAIN missing or not a number ({gain!r}); the camera GAIN "
+                                      "setting is never used as e-/ADU (v1 bug B12)") from None
+        if not np.isfinite(gain) or gain < 0:
+            raise BadInputError(path, f"EGAIN {gain!r} is not a usable gain")
+        sat = header.get("SATURATE")
+        try:
+            sat = float(sat)
+        except (TypeError, ValueError):
+            sat = float(default_saturation)
+        date = header.get("DATE-OBS")
+        try:
+            obstime = Time(date, format="isot", scale="utc") if date else Time(float(header["MJD-OBS"]),
+                                                                               format="mjd", scale="utc")
+        except Exception as exc:
+            raise BadInputError(path, f"no usable DATE-OBS/MJD-OBS ({date!r})") from exc
+        filt = str(header.get("FILTER", "")).strip()
+        if not filt:
+            raise BadInputError(path, "FILTER missing")
+        return cls(nx=nx, ny=ny, wcs=wcs, pixscale=pixscale, gain=gain, saturation=sat, obstime=obstime,
+                   filt=filt, obj=str(header.get("OBJECT", "")).strip())
+
+
+@dataclass
+class PhotResult:
+    """Everything the service writes: catalogue, header cards and figures for the event."""
+
+    table: Table
+    cards: list[tuple[str, object, str]]
+    seeing: seeing.Seeing
+    apertures: ApertureSet
+    zps: dict[str, zeropoint.ZeroPoint]
+    depths: dict[str, tuple[float, float]]
+    skyval: float
+    skysig: float
+    noise: dict[str, float]
+    zp_inputs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def ul5_1(self) -> float:
+        return self.depths["APER_1"][1]
+
+
+def reference_positions(ref: Table, obstime: Time) -> tuple[np.ndarray, np.ndarray]:
+    """Reference RA/Dec at the observation epoch (rows without proper motion kept as they are)."""
+    return propagate_to_epoch(ref, obstime)
+
+
+def _ref_mag(ref: Table, filt: str, index: np.ndarray, path: str) -> np.ndarray:
+    col = f"mag_{filt}"
+    if col not in ref.colnames:
+        raise BadInputError(path, f"reference catalogue has no column {col!r}")
+    mags = np.asarray(ref[col], float)
+    out = np.full(len(index), np.nan)
+    hit = index >= 0
+    out[hit] = mags[index[hit]]
+    return out
+
+
+def measure_seeing_from(pre: Table, ref_ra: np.ndarray, ref_dec: np.ndarray, ref: Table, info: ImageInfo,
+                        radius: float, refpath: str) -> seeing.Seeing:
+    """Seeing from the pre-run catalogue (matched stars, else bright point sources)."""
+    if len(pre) == 0:
+        raise BadInputError(refpath, "no source detected in the pre-run")
+    idx, _ = match_sky(np.asarray(pre["ALPHA_J2000"]), np.asarray(pre["DELTA_J2000"]), ref_ra, ref_dec, radius)
+    rmag = _ref_mag(ref, info.filt, idx, refpath)
+    imaf = np.asarray(pre["IMAFLAGS_ISO"]) if "IMAFLAGS_ISO" in pre.colnames else None
+    sel = seeing.select_seeing_stars(np.asarray(pre["FLAGS"]), imaf, np.asarray(pre["X_IMAGE"]),
+                                     np.asarray(pre["Y_IMAGE"]), info.nx, info.ny, rmag)
+    method = "matched"
+    if sel.sum() < seeing.MIN_SEEING_STARS:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            snr = np.asarray(pre["FLUX_AUTO"]) / np.asarray(pre["FLUXERR_AUTO"])
+        sel = seeing.select_fallback_stars(np.asarray(pre["FLAGS"]), imaf, np.asarray(pre["X_IMAGE"]),
+                                           np.asarray(pre["Y_IMAGE"]), info.nx, info.ny, snr,
+                                           np.asarray(pre["FWHM_IMAGE"]), np.asarray(pre["ELONGATION"]))
+        method = "point-sources"
+    if sel.sum() == 0:
+        raise BadInputError(refpath, "no star usable for the seeing (none matched, none point-like)")
+    return seeing.measure_seeing(np.asarray(pre["FWHM_WORLD"])[sel], np.asarray(pre["ELLIPTICITY"])[sel],
+                                 np.asarray(pre["ELONGATION"])[sel], info.pixscale, method)
+
+
+def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np.ndarray | None,
+               weight_path: Path | None, ref: Table, refpath: str, workdir: Path,
+               params: PhotParams | None = None) -> PhotResult:
+    """Photometry of one image.
+
+    Parameters
+    ----------
+    image_path : Path
+        The image file (read by Source Extractor).
+    header : astropy.io.fits.Header
+        Its primary header.
+    data : 2-D array
+        Its pixels (image units), for the empirical aperture noise.
+    mask : 2-D uint16 array or None
+        Its MaskBit mask (non-zero = bad); handed to Source Extractor as a flag image.
+    weight_path : Path or None
+        Inverse-variance weight map (image units^-2), 0 where masked.
+    ref : astropy.table.Table
+        Reference catalogue (:func:`gppy.refcat.load_gaiaxp`).
+    refpath : str
+        Its path (for messages and the REFCAT provenance).
+    workdir : Path
+        Scratch folder for Source Extractor's files.
+    params : PhotParams
+        Settings.
+    """
+    p = params or PhotParams()
+    info = ImageInfo.from_header(header, image_path, p.default_saturation)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if mask is None:  # Source Extractor needs a flag image for IMAFLAGS_ISO: non-finite pixels
+        mask = (~np.isfinite(data)).astype(np.uint16)
+    flag_path = sextractor.write_flag_image(mask, workdir / "flag.fits")
+    wpath = weight_path if weight_path is not None and Path(weight_path).exists() else None
+    ref_ra, ref_dec = reference_positions(ref, info.obstime)
+
+    # 1. pre-run for the seeing
+    pre_conv = write_text(workdir / "pre.conv", sextractor.gaussian_conv_text(PRE_SEEING_ARCSEC / info.pixscale))
+    pre_args = sextractor.build_args(
+        image_path, workdir / "pre.cat", sextractor.package_file("pre.param"), pre_conv, gain=info.gain,
+        saturation=info.saturation, seeing_arcsec=PRE_SEEING_ARCSEC, weight=wpath, flag=flag_path,
+        overrides={"DETECT_THRESH": sextractor.detect_thresh_for(PRE_DETECT_SIGNIFICANCE,
+                                                                 PRE_SEEING_ARCSEC / info.pixscale),
+                   "ANALYSIS_THRESH": 3.0,
+                   "DETECT_MINAREA": p.detect_minarea, "BACK_SIZE": p.back_size,
+                   "BACK_FILTERSIZE": p.back_filtersize, "CLEAN": "N"})
+    pre = sextractor.run(pre_args, workdir / "pre.cat", workdir).table
+    see = measure_seeing_from(pre, ref_ra, ref_dec, ref, info, p.match_radius_arcsec, refpath)
+    aps = aperture_set(see.peeing_px, info.pixscale)
+
+    # 2-3. main run
+    conv = write_text(workdir / "main.conv", sextractor.gaussian_conv_text(see.peeing_px))
+    args = sextractor.build_args(
+        image_path, workdir / "main.cat", sextractor.package_file("phot.param"), conv, gain=info.gain,
+        saturation=info.saturation, seeing_arcsec=see.seeing_arcsec, apertures_px=aps.phot_apertures(),
+        weight=wpath, flag=flag_path,
+        overrides={"DETECT_THRESH": sextractor.detect_thresh_for(p.detect_significance, see.peeing_px),
+                   "ANALYSIS_THRESH": p.analysis_thresh, "DETECT_MINAREA": p.detect_minarea,
+                   "BACK_SIZE": p.back_size, "BACK_FILTERSIZE": p.back_filtersize,
+                   "BACKPHOTO_TYPE": p.backphoto_type})
+    res = sextractor.run(args, workdir / "main.cat", workdir)
+    se = res.table
+    if len(se) == 0:
+        raise BadInputError(image_path, "Source Extractor found no source")
+
+    # 4. match and zero points
+    idx, sep = match_sky(np.asarray(se["ALPHA_J2000"]), np.asarray(se["DELTA_J2000"]), ref_ra, ref_dec,
+                         p.match_radius_arcsec)
+    rmag = _ref_mag(ref, info.filt, idx, refpath)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr_auto = np.asarray(se["FLUX_AUTO"]) / np.asarray(se["FLUXERR_AUTO"])
+    imaf = np.asarray(se["IMAFLAGS_ISO"]) if "IMAFLAGS_ISO" in se.colnames else None
+    zpsel = zeropoint.select_zp_stars(np.asarray(se["FLAGS"]), imaf, np.asarray(se["X_IMAGE"]),
+                                      np.asarray(se["Y_IMAGE"]), info.nx, info.ny, snr_auto, rmag)
+    if zpsel.sum() < 3:
+        raise BadInputError(image_path, f"only {int(zpsel.sum())} reference star(s) usable for the zero "
+                                        f"point (matched within {p.match_radius_arcsec} arcsec in {refpath})")
+
+    # 5. noise correlation (needs the pixels): aperture noise / white noise per aperture
+    skysig = float(res.rms)
+    rho = depth.noise_correlation(data, mask != 0)
+    noise = {s: depth.correlation_noise_ratio(rho, aps.diameters[s]) for s in SUFFIXES[1:]}
+
+    zps: dict[str, zeropoint.ZeroPoint] = {}
+    calibrated: dict[str, dict[str, np.ndarray]] = {}
+    depths: dict[str, tuple[float, float]] = {}
+    zp_inputs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    use_of: dict[str, np.ndarray] = {}
+    for s in SUFFIXES:
+        fcol, ecol = catalog.se_flux_columns(s)
+        flux = np.asarray(se[fcol], float)
+        ferr = np.asarray(se[ecol], float)
+        ratio = noise.get(s, float("nan"))
+        if s in noise:
+            ferr = depth.inflate_flux_errors(ferr, skysig, aps.diameters[s], ratio)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inst = np.where(flux > 0, -2.5 * np.log10(np.where(flux > 0, flux, 1.0)), np.nan)
+        zpi = rmag - inst
+        use = zpsel & np.isfinite(zpi)
+        use_of[s] = use
+        zp = zeropoint.clipped_zero_point(zpi[use])
+        zps[s] = zp
+        zp_inputs[s] = (rmag[use], zpi[use], zp.kept)
+        calibrated[s] = zeropoint.calibrate(flux, ferr, zp.zp, zp.ezp)
+        d = aps.diameters[s]
+        depths[s] = (depth.limiting_magnitude(zp.zp, skysig, d, 3, ratio),
+                     depth.limiting_magnitude(zp.zp, skysig, d, 5, ratio))
+
+    kept1 = np.zeros(len(se), bool)
+    kept1[np.flatnonzero(use_of["APER_1"])[zps["APER_1"].kept]] = True
+
+    t_jd = info.obstime
+    meta = {"obs": header.get("TELESCOP", ""), "object": info.obj, "filter": info.filt,
+            "date-obs": t_jd.isot, "jd": round(float(t_jd.jd), 6), "mjd": round(float(t_jd.mjd), 6),
+            "seeing": round(see.seeing_arcsec, 3), "refcat": p.refcat_name, "image": Path(image_path).name,
+            "zp": {s: round(z.zp, 4) for s, z in zps.items()},
+            "ezp": {s: round(z.ezp, 4) for s, z in zps.items()},
+            "zpscatter": {s: round(z.scatter, 4) for s, z in zps.items()}}
+    table = catalog.build_catalogue(se, info.filt, calibrated, catalog.reference_columns(ref, idx, info.filt),
+                                    sep, zpsel, kept1, meta)
+    cards = header_cards(info, see, aps, zps, depths, noise, res.background, skysig, int(zpsel.sum()),
+                         p.refcat_name)
+    return PhotResult(table=table, cards=cards, seeing=see, apertures=aps, zps=zps, depths=depths,
+                      skyval=float(res.background), skysig=skysig, noise=noise, zp_inputs=zp_inputs)
+
+
+def header_cards(info: ImageInfo, see: seeing.Seeing, aps: ApertureSet, zps: dict[str, zeropoint.ZeroPoint],
+                 depths: dict[str, tuple[float, float]], noise: dict[str, float], skyval: float,
+                 skysig: float, nstd: int, refcat_name: str) -> list[tuple[str, object, str]]:
+    """v1's header keys (§7.2 item 11) plus ``ZPN_k`` (stars kept) and ``APNF_k`` (aperture
+    noise over white noise)."""
+    t = info.obstime
+    cards: list[tuple[str, object, str]] = [
+        ("AUTHOR", "gppy phot", "photometry software"),
+        ("PHOTIME", Time.now().isot[:10], "date of the photometry"),
+        ("JD", round(float(t.jd), 6), "Julian date of DATE-OBS"),
+        ("MJD", round(float(t.mjd), 6), "modified Julian date of DATE-OBS"),
+        ("SEEING", round(see.seeing_arcsec, 3), "[arcsec] median FWHM of stars"),
+        ("PEEING", round(see.peeing_px, 3), "[px] median FWHM of stars"),
+        ("ELLIP", round(see.ellip, 3), "median ellipticity of stars"),
+        ("ELONG", round(see.elong, 3), "median elongation of stars"),
+        ("SKYSIG", round(skysig, 3), "[image units] background RMS per pixel"),
+        ("SKYVAL", round(skyval, 3), "[image units] global background"),
+        ("REFCAT", refcat_name, "photometric reference catalogue"),
+        ("MAGLOW", zeropoint.MAG_LOW, "bright limit of ZP stars (ref mag)"),
+        ("MAGUP", zeropoint.MAG_UP, "faint end of the ZP plot (ref mag)"),
+        ("STDNUMB", nstd, "number of ZP stars before clipping"),
+        ("SATLV", round(info.saturation, 3), "[image units] saturation level used"),
+    ]
+    cards += aps.header_cards()
+    for s in SUFFIXES:
+        k = ZP_KEYS[s]
+        z = zps[s]
+        ul3, ul5 = depths[s]
+        cards += [(f"ZP_{k}", round(z.zp, 4), f"zero point of MAG_{s} (AB)"),
+                  (f"EZP_{k}", round(z.ezp, 4) if np.isfinite(z.ezp) else 0.0, f"error of ZP_{k}"),
+                  (f"UL3_{k}", ul3, f"3-sigma limit of MAG_{s}"),
+                  (f"UL5_{k}", ul5, f"5-sigma limit of MAG_{s}"),
+                  (f"ZPN_{k}", z.nused, f"stars kept for ZP_{k}")]
+        if s in noise and np.isfinite(noise[s]):
+            cards.append((f"APNF_{k}", round(float(noise[s]), 3), f"aperture noise / white noise, MAG_{s}"))
+    return cards
+
+
+def apply_cards(header: fits.Header, cards: list[tuple[str, object, str]]) -> fits.Header:
+    """Write ``cards`` into ``header`` (in place) and return it."""
+    for key, value, comment in cards:
+        header[key] = (value, comment)
+    return header

@@ -42,6 +42,30 @@ TERMINAL = ("done", "failed")
 _KEY_BAD = re.compile(r"[^-_=.a-zA-Z0-9]")
 
 
+class TaskLock:
+    """An asyncio lock that the task holding it may take again (re-entrant per task)."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._owner: asyncio.Task | None = None
+        self._depth = 0
+
+    async def __aenter__(self) -> TaskLock:
+        me = asyncio.current_task()
+        if self._owner is me and me is not None:
+            self._depth += 1
+            return self
+        await self._lock.acquire()
+        self._owner, self._depth = me, 1
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._owner = None
+            self._lock.release()
+
+
 class NightRecord(BaseModel):
     """One night in the ledger (times are Unix seconds)."""
 
@@ -101,7 +125,7 @@ class Ledger:
     def __init__(self, kv):
         self.kv = kv
         self._cache: dict[str, tuple[NightRecord, int]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, TaskLock] = {}
 
     @classmethod
     async def open(cls, js, settings: Settings) -> Ledger:
@@ -152,21 +176,20 @@ class Ledger:
         return NightRecord.model_validate_json(entry.value), entry.revision
 
     # ---------------------------------------------------------------- writes
-    def lock(self, night_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(night_id, asyncio.Lock())
+    def lock(self, night_id: str) -> TaskLock:
+        """The night's lock (re-entrant): hold it across a read-modify-write of the night."""
+        return self._locks.setdefault(night_id, TaskLock())
 
-    async def mutate(self, night_id: str, fn: Callable[[NightRecord | None], NightRecord | None],
-                     locked: bool = False) -> NightRecord | None:
+    async def mutate(self, night_id: str, fn: Callable[[NightRecord | None], NightRecord | None]
+                     ) -> NightRecord | None:
         """Apply ``fn`` to the current record (``None`` if absent) and store the result.
 
         ``fn`` gets a private copy and returns the new record, or ``None`` to change nothing.
         A concurrent writer makes the compare-and-set fail; then the record is re-read and
         ``fn`` applied again. Returns the record as stored.
         """
-        if not locked:
-            async with self.lock(night_id):
-                return await self._mutate(night_id, fn)
-        return await self._mutate(night_id, fn)
+        async with self.lock(night_id):
+            return await self._mutate(night_id, fn)
 
     async def _mutate(self, night_id, fn) -> NightRecord | None:
         hit = self._cache.get(night_id)

@@ -4,15 +4,16 @@ The calibration stage's ``night.plan`` lists the night's science frames and thei
 From then on every frame must reach a terminal state: its single-frame photometry is done
 (``phot.done`` single, successful or not), or it failed definitively somewhere (a
 ``frame.solved`` with ``ok=False``, a ``stage.failed`` naming it, a dead letter of a message
-about it). Every visit with at least one astrometrically solved frame expects a stack
-(``stack.done``), every stack its photometry and (when the stack's photometry worked) a
+about it). Every visit with at least one frame whose photometry worked expects a stack
+(``stack.done``, or a ``stage.failed`` of the stack stage naming the visit: the stack stage
+builds a visit from those frames), every stack its photometry and (when the stack's photometry worked) a
 difference image (``diff.done``; ``ok=False`` means "no reference" and ends that branch),
 every difference its photometry. With ``subtract_singles`` the single frames expect
 differences too. A stage failure or dead letter closes the branch it names.
 
 The night is complete when nothing is outstanding. It is *failed* when the night itself
 could not be processed (the calibration stage gave up on the ``night.ready`` message) or
-when no frame at all came through; otherwise it is *done*, its per-item failures listed.
+when no frame at all came through single-frame photometry; otherwise it is *done*, its per-item failures listed.
 """
 
 from __future__ import annotations
@@ -353,7 +354,7 @@ class NightProgress:
         for visit, frames in by_visit.items():
             if visit in self.stacks or any(not self._frame_terminal(f) for f in frames):
                 continue
-            if visit not in self.visit_fail and any(f["sol"] is True for f in frames):
+            if visit not in self.visit_fail and any(f["phot"] is True for f in frames):
                 out.append(f"stack of visit {visit}")
         for s in self.stacks.values():
             if s.get("fail"):
@@ -376,7 +377,7 @@ class NightProgress:
         return not self.outstanding()
 
     def frames_ok(self) -> int:
-        return sum(1 for f in self.frames.values() if not f["fail"] and (f["phot"] is True or f["sol"] is True))
+        return sum(1 for f in self.frames.values() if f["phot"] is True)
 
     def outcome(self) -> tuple[str, str]:
         """``(status, note)``: ``failed`` when the night itself failed or no frame came through."""

@@ -57,7 +57,8 @@ class WatcherService(StageService):
     durable = "watcher-events"
 
     def __init__(self, settings: Settings | None = None, notifier: SlackNotifier | None = None,
-                 recheck_interval_s: float | None = None, use_events: bool = True):
+                 recheck_interval_s: float | None = None, use_events: bool = True,
+                 stall_timeout_s: float | None = None):
         super().__init__(settings)
         if self.settings.concurrency != 1:  # events are followed in stream order
             self.settings = self.settings.model_copy(update={"concurrency": 1})
@@ -67,7 +68,8 @@ class WatcherService(StageService):
         self.ledger: Ledger | None = None
         self.scanner: Scanner | None = None
         self.patterns = NightPatterns.from_settings(self.settings)
-        self.stall_timeout_s = float(getattr(self.settings, "night_stall_timeout_s", 1800.0))
+        self.stall_timeout_s = float(stall_timeout_s if stall_timeout_s is not None
+                                     else getattr(self.settings, "night_stall_timeout_s", 1800.0))
         self._events = None
         self._tasks: list[asyncio.Task] = []
         self._progress: dict[str, NightProgress] = {}
@@ -276,7 +278,7 @@ class WatcherService(StageService):
                         event.night_id, rec.attempt, rec.state)
         self._progress.pop(event.night_id, None)
         await self.ledger.drop_progress(event.night_id)
-        new = await self.ledger.mutate(event.night_id, fn, locked=True)
+        new = await self.ledger.mutate(event.night_id, fn)
         log.info("%s requested from outside the watcher (run %d, attempt %d, targets=%s, filters=%s)",
                  event.night_id, new.run, new.attempt, event.targets, event.filters)
 
@@ -287,7 +289,7 @@ class WatcherService(StageService):
                 return None
             r = new_record(plan.night_id, plan.unit, plan.night_dir, plan.lane, "adhoc", "adhoc")
             return start_attempt(r, lambda _: "", new_run=True)
-        return await self.ledger.mutate(plan.night_id, fn, locked=True)
+        return await self.ledger.mutate(plan.night_id, fn)
 
     async def _load_progress(self, rec: NightRecord) -> NightProgress:
         prog = self._progress.get(rec.night_id)
@@ -317,7 +319,7 @@ class WatcherService(StageService):
                 r.last_error = f"{f['stage']}: {Path(f['item']).name if f['item'] else ''}: {f['reason']}"[:1000]
             return r
 
-        rec = await self.ledger.mutate(rec.night_id, fn, locked=True) or rec
+        rec = await self.ledger.mutate(rec.night_id, fn) or rec
         if prog.planned and not prog.announced:
             prog.announced = True
             await self._announce_start(rec, prog)
@@ -357,7 +359,7 @@ class WatcherService(StageService):
                 r.history.append({"attempt": r.attempt, "outcome": "failed", "reason": note, "at": time.time()})
                 r.last_error = note
                 return start_attempt(r, self._msg_id)
-            new = await self.ledger.mutate(rec.night_id, fn, locked=True)
+            new = await self.ledger.mutate(rec.night_id, fn)
             self._progress.pop(rec.night_id, None)
             await self.ledger.drop_progress(rec.night_id)
             log.warning("%s attempt %d failed (%s); retrying (%d/%d)", rec.night_id, rec.attempt, note,
@@ -401,7 +403,7 @@ class WatcherService(StageService):
             r.final_steps = ["headers", "summary", "scratch"]
             return r
 
-        new = await self.ledger.mutate(rec.night_id, fn, locked=True)
+        new = await self.ledger.mutate(rec.night_id, fn)
         self._progress.pop(rec.night_id, None)
         await self.ledger.drop_progress(rec.night_id)
         log.info("%s %s: %d images, %d header snapshots, scratch %s; summary %s", rec.night_id, status,
@@ -435,7 +437,7 @@ class WatcherService(StageService):
                 return None
             r.final_steps.append(step)
             return r
-        return await self.ledger.mutate(rec.night_id, fn, locked=True) or rec
+        return await self.ledger.mutate(rec.night_id, fn) or rec
 
     def _final_message(self, rec: NightRecord) -> str:
         night = Path(rec.night_dir).name

@@ -1,0 +1,573 @@
+"""One night of calibration: scan the folder, build or borrow masters, plan and reduce frames.
+
+This is the I/O side of the stage (it reads raw files and the master archive and writes
+products with atomic writes); the science lives in :mod:`~gppy_calib.combine`,
+:mod:`~gppy_calib.masters`, :mod:`~gppy_calib.reduce`, :mod:`~gppy_calib.masks` and
+:mod:`~gppy_calib.trails`. :class:`gppy_calib.service.CalibService` runs it in a thread.
+
+Order of work (the whole stage, in one place):
+
+1. scan: read every ``*.fits`` header, normalise (``changehdr.dat``), classify, check;
+   unreadable, truncated or unclassifiable files go to ``rejected`` with the reason;
+2. bias -> darks (per EXPTIME) -> flats (per FILTER): build tonight's master from tonight's
+   frames, compare it with the previous archived one (QC), archive it; when tonight has no
+   frames of a kind (or its master failed QC) borrow the archived master nearest in date;
+3. plan: every science frame gets its bias, dark (nearest EXPTIME, scaled) and flat, its
+   product path and its visit; frames without a usable master set are rejected;
+4. reduce each planned frame: image, ``.weight.fits`` and ``.mask.fits``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, OrderedDict, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+from astropy.io import fits
+
+from gppy import masks as gmasks
+from gppy import naming
+from gppy.config import PathConfig, Settings
+from gppy.fitsio import BadInputError, read_header, write_fits
+from gppy.masks import MaskBit
+from gppy.provenance import stamp
+from gppy.tables import load_changehdr, load_obs
+from gppy.visits import FrameInfo as VisitFrame
+from gppy.visits import group_visits
+from gppy.xp import backend_name, to_host
+from gppy_calib import archive, masks, reduce, trails
+from gppy_calib.combine import median_error_factor
+from gppy_calib.headers import FrameInfo, HeaderProblem, describe
+from gppy_calib.masters import ClipRule, Master, make_bias, make_dark, make_flat, qc_compare
+from gppy_calib.rawio import RawImage, list_masters, read_master, write_master
+
+log = logging.getLogger(__name__)
+
+FITS_SUFFIXES = (".fits", ".fit", ".fts")
+
+
+@dataclass
+class MasterRef:
+    """A master chosen for use: where it is and how it was obtained.
+
+    Attributes
+    ----------
+    kind : {"bias", "dark", "flat"}
+    path : pathlib.Path
+    date : str
+        ``YYYYMMDD``.
+    exptime : float
+        s (darks).
+    filter : str
+        (flats).
+    borrowed : bool
+        True when it is not tonight's own master.
+    note : str
+        Why it was borrowed (e.g. tonight's master failed QC).
+    """
+
+    kind: str
+    path: Path
+    date: str
+    exptime: float = 0.0
+    filter: str = ""
+    borrowed: bool = False
+    note: str = ""
+
+    def describe(self) -> str:
+        d = f"{self.date[:4]}-{self.date[4:6]}-{self.date[6:]}"
+        text = f"{self.path.name} from {d}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+@dataclass
+class Job:
+    """One science frame to reduce."""
+
+    info: FrameInfo
+    calib_path: Path
+    visit: str
+    bias: MasterRef
+    dark: MasterRef
+    flat: MasterRef
+
+
+@dataclass
+class NightResult:
+    """What :meth:`NightCalibrator.prepare` found and decided."""
+
+    jobs: list[Job] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    borrowed: dict[str, str] = field(default_factory=dict)
+    masters: list[Path] = field(default_factory=list)
+    qc: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Products:
+    """Files written for one science frame, plus a few numbers for logs and tests."""
+
+    image: Path
+    weight: Path
+    mask: Path
+    ncr: int = 0
+    ntrail: int = 0
+    trails: list = field(default_factory=list)
+
+
+def _settings_subset(settings: Settings) -> dict:
+    keys = ["clip_sigma", "clip_iters", "combine_band_rows", "master_qc_threshold", "cosmic_rays",
+            "satellite_trails", "saturate_adu"]
+    return {k: getattr(settings, k) for k in keys}
+
+
+class NightCalibrator:
+    """Calibrate one night of one unit (synchronous; run it in a worker thread).
+
+    Parameters
+    ----------
+    settings : gppy.config.Settings
+    paths : gppy.config.PathConfig
+    unit : str
+        Telescope unit (``7DT01``...).
+    xp : module
+        NumPy or CuPy.
+    """
+
+    cache_size = 6
+    edge_pixels = 0
+
+    def __init__(self, settings: Settings, paths: PathConfig, unit: str, xp: ModuleType):
+        self.settings = settings
+        self.paths = paths
+        self.unit = naming.sanitize(unit, "UNIT")
+        self.xp = xp
+        self.rules = load_changehdr()
+        self.clip = ClipRule(settings.clip_sigma, settings.clip_iters, settings.combine_band_rows)
+        self.mroot = Path(paths.path_mframe)
+        self._cache: OrderedDict[Path, tuple[np.ndarray, np.ndarray, fits.Header]] = OrderedDict()
+        self._badcache: dict[tuple, tuple] = {}
+
+    # ------------------------------------------------------------------ scan
+    def scan(self, night_dir: Path, targets: list[str] | None = None,
+             filters: list[str] | None = None) -> tuple[dict[str, list[FrameInfo]], dict[str, str], list[str]]:
+        """Headers of every FITS file of the night, classified.
+
+        Returns
+        -------
+        frames : dict kind -> list of FrameInfo (sorted by DATE-OBS, then path)
+        rejected : dict path -> reason
+        skipped : list of str
+            Science frames outside the requested targets / filters.
+        """
+        night_dir = Path(night_dir)
+        if not night_dir.is_dir():
+            raise BadInputError(night_dir, "night folder does not exist or is not a folder")
+        files = sorted(p for p in night_dir.iterdir()
+                       if p.is_file() and p.suffix.lower() in FITS_SUFFIXES and not p.name.startswith("."))
+        frames: dict[str, list[FrameInfo]] = defaultdict(list)
+        rejected: dict[str, str] = {}
+        skipped: list[str] = []
+        for p in files:
+            try:
+                hdr = read_header(p)
+                RawImage(p, hdr)                   # size / layout check, no data read
+                info = describe(str(p), hdr, self.rules)
+            except BadInputError as exc:
+                rejected[str(p)] = exc.reason
+                continue
+            except HeaderProblem as exc:
+                rejected[str(p)] = str(exc)
+                continue
+            if info.kind == "science" and ((targets and info.object not in targets)
+                                           or (filters and info.filter not in filters)):
+                skipped.append(str(p))
+                continue
+            frames[info.kind].append(info)
+        # one detector shape per night: frames of another shape cannot share masters
+        shapes = Counter(f.shape for group in frames.values() for f in group)
+        if len(shapes) > 1:
+            main = max(shapes.items(), key=lambda kv: (kv[1], kv[0]))[0]
+            for kind in list(frames):
+                keep = []
+                for f in frames[kind]:
+                    if f.shape == main:
+                        keep.append(f)
+                    else:
+                        rejected[f.path] = f"image shape {f.shape} differs from the night's {main}"
+                frames[kind] = keep
+        for kind in frames:
+            frames[kind].sort(key=lambda f: (f.mjd, f.path))
+        return dict(frames), rejected, skipped
+
+    # ------------------------------------------------------------------ archive
+    def _folder(self, kind: str) -> Path:
+        return self.mroot / self.unit / archive.KIND_FOLDERS[kind]
+
+    def _archived(self, kind: str) -> list[archive.ArchivedMaster]:
+        return archive.parse_listing(list_masters(self._folder(kind)), kind)
+
+    def _dest(self, kind: str, m: Master) -> Path:
+        if kind == "bias":
+            return naming.master_zero(self.mroot, self.unit, m.date)
+        if kind == "dark":
+            return naming.master_dark(self.mroot, self.unit, m.exptime, m.date)
+        return naming.master_flat(self.mroot, self.unit, m.filter, m.date)
+
+    def load(self, path: Path) -> tuple[np.ndarray, np.ndarray, fits.Header]:
+        """A master's (data, error, header), through a small cache."""
+        path = Path(path)
+        if path in self._cache:
+            self._cache.move_to_end(path)
+            return self._cache[path]
+        item = read_master(path)
+        self._cache[path] = item
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return item
+
+    def _as_master(self, ref: MasterRef) -> Master:
+        data, err, hdr = self.load(ref.path)
+        err = np.where(np.isfinite(err), err, np.float32(0)).astype(np.float32)
+        return Master(ref.kind, data, err, ref.exptime, ref.filter, ref.date, "", [], hdr)
+
+    def _archive_new(self, kind: str, m: Master, qc_key: str, res: NightResult) -> MasterRef:
+        """QC a new master against the previous archived one and archive it (or set it aside).
+
+        Returns the master to use: the new one, or the previous one when QC fails.
+        """
+        dest = self._dest(kind, m)
+        cands = self._archived(kind)
+        if kind == "dark":
+            cands = [c for c in cands if round(c.exptime) == round(m.exptime)]
+        prev = archive.choose(cands, mean_date_mjd(m), filt=(m.filter if kind == "flat" else None),
+                              before=m.date)
+        m.header["FILENAME"] = (dest.name, "archive name of this master")
+        if prev is not None:
+            pdata, perr, _ = self.load(prev.path)
+            qc = qc_compare(m, pdata, perr, self.settings.master_qc_threshold)
+            m.header["QCREF"] = (prev.path.name[:68], "previous master compared with")
+            m.header["QCFRAC"] = (round(qc.fraction, 6), "fraction of pixels differing > 6 sigma")
+            m.header["QCSTAT"] = ("pass" if qc.ok else "fail", "QC against the previous master")
+        else:
+            qc = None
+            m.header["QCSTAT"] = ("none", "no previous master to compare with")
+        stamp(m.header, "calib", m.inputs, _settings_subset(self.settings))
+        if qc is not None and not qc.ok:
+            aside = dest.parent / "rejected" / dest.name
+            write_master(aside, m.data, m.error, m.header)
+            res.qc[qc_key] = f"{dest.name} set aside in rejected/: {qc.reason}"
+            log.warning("master %s failed QC: %s; using %s", dest.name, qc.reason, prev.path.name)
+            return MasterRef(kind, prev.path, prev.date, prev.exptime, prev.filter, borrowed=True,
+                             note=f"tonight's master failed QC: {qc.reason}")
+        write_master(dest, m.data, m.error, m.header)
+        res.masters.append(dest)
+        if qc is not None:
+            res.qc[qc_key] = f"{dest.name}: {qc.reason}"
+        # keep it in the cache: it is about to be used
+        self._cache[dest] = (m.data, m.error, m.header)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return MasterRef(kind, dest, m.date, m.exptime, m.filter)
+
+    def _borrow(self, kind: str, reference_mjd: float, *, exptime: float | None = None,
+                filt: str | None = None, note: str = "") -> MasterRef | None:
+        pick = archive.choose(self._archived(kind), reference_mjd, exptime=exptime, filt=filt)
+        if pick is None:
+            return None
+        return MasterRef(kind, pick.path, pick.date, pick.exptime, pick.filter, borrowed=True,
+                         note=note)
+
+    # ------------------------------------------------------------------ masters
+    def _sources(self, frames: list[FrameInfo], res: NightResult) -> tuple[list[FrameInfo], list[RawImage]]:
+        good, srcs = [], []
+        for f in frames:
+            try:
+                srcs.append(RawImage(f.path, f.header))
+                good.append(f)
+            except BadInputError as exc:
+                res.rejected[f.path] = exc.reason
+        return good, srcs
+
+    def prepare(self, night_dir: Path, targets: list[str] | None = None,
+                filters: list[str] | None = None) -> NightResult:
+        """Scan the night, build/borrow masters and plan the science frames."""
+        res = NightResult()
+        frames, rejected, skipped = self.scan(night_dir, targets, filters)
+        res.rejected.update(rejected)
+        res.skipped = skipped
+        science = frames.get("science", [])
+        all_mjd = [f.mjd for group in frames.values() for f in group]
+        ref_mjd = float(np.mean([f.mjd for f in science])) if science else (
+            float(np.mean(all_mjd)) if all_mjd else 0.0)
+        sat = self.settings.saturate_adu
+
+        # bias
+        bias_ref: MasterRef | None = None
+        bias_frames, bias_srcs = self._sources(frames.get("bias", []), res)
+        if bias_frames:
+            m = make_bias(bias_frames, bias_srcs, self.xp, self.clip)
+            bias_ref = self._archive_new("bias", m, "bias", res)
+        if bias_ref is None:
+            bias_ref = self._borrow("bias", ref_mjd)
+        if bias_ref is not None and bias_ref.borrowed:
+            res.borrowed["bias"] = bias_ref.describe()
+
+        # darks (per exposure time)
+        dark_refs: dict[float, MasterRef] = {}
+        dark_groups: dict[float, list[FrameInfo]] = defaultdict(list)
+        for f in frames.get("dark", []):
+            dark_groups[f.exptime].append(f)
+        if dark_groups and bias_ref is None:
+            for group in dark_groups.values():
+                for f in group:
+                    res.rejected[f.path] = "no master bias (none tonight, none archived): dark not usable"
+            dark_groups = {}
+        for t, group in sorted(dark_groups.items()):
+            good, srcs = self._sources(group, res)
+            if not good:
+                continue
+            m = make_dark(good, srcs, self._as_master(bias_ref), self.xp, self.clip)
+            ref = self._archive_new("dark", m, f"dark {t:g}", res)
+            dark_refs[t] = ref
+            if ref.borrowed:
+                res.borrowed[f"dark {ref.exptime:g}"] = ref.describe()
+
+        # flats (per filter)
+        flat_refs: dict[str, MasterRef] = {}
+        flat_groups: dict[str, list[FrameInfo]] = defaultdict(list)
+        for f in frames.get("flat", []):
+            flat_groups[f.filter].append(f)
+        if flat_groups and bias_ref is None:
+            for group in flat_groups.values():
+                for f in group:
+                    res.rejected[f.path] = "no master bias (none tonight, none archived): flat not usable"
+            flat_groups = {}
+        for filt, group in sorted(flat_groups.items()):
+            good, srcs = self._sources(group, res)
+            if not good:
+                continue
+            flat_mjd = float(np.mean([f.mjd for f in good]))
+            darks: dict[float, Master] = {}
+            for f in good:
+                dref = self._dark_for(f.exptime, dark_refs, flat_mjd)
+                if dref is not None:
+                    darks[dref.exptime] = self._as_master(dref)
+            try:
+                m = make_flat(good, srcs, self._as_master(bias_ref), darks, self.xp, self.clip, saturate=sat)
+            except ValueError as exc:
+                for f in good:
+                    res.rejected.setdefault(f.path, str(exc))
+                continue
+            res.rejected.update(m.rejected)
+            ref = self._archive_new("flat", m, f"flat {filt}", res)
+            flat_refs[filt] = ref
+            if ref.borrowed:
+                res.borrowed[f"flat {filt}"] = ref.describe()
+
+        # plan
+        visits = group_visits([VisitFrame(f.path, f.object, f.filter, f.date_obs, f.exptime) for f in science],
+                              self.settings.visit_gap_s)
+        visit_of = {vf.key: vid for vid, members in visits.items() for vf in members}
+        for f in sorted(science, key=lambda f: (f.filter, f.mjd, f.path)):
+            if bias_ref is None:
+                res.rejected[f.path] = (f"no master bias: no bias frames tonight and none archived under "
+                                        f"{self._folder('bias')}")
+                continue
+            dref = self._dark_for(f.exptime, dark_refs, ref_mjd)
+            if dref is None:
+                res.rejected[f.path] = (f"no master dark: no dark frames tonight and none archived under "
+                                        f"{self._folder('dark')}")
+                continue
+            if dref.borrowed and dref not in dark_refs.values():
+                res.borrowed[f"dark {dref.exptime:g}"] = dref.describe()
+            fref = flat_refs.get(f.filter)
+            if fref is None:
+                fref = self._borrow("flat", ref_mjd, filt=f.filter)
+                if fref is None:
+                    res.rejected[f.path] = (f"no master flat for filter {f.filter}: no flats tonight and none "
+                                            f"archived under {self._folder('flat')}")
+                    continue
+                res.borrowed[f"flat {f.filter}"] = fref.describe()
+            dirs = naming.ProductDirs.of(self.paths.path_processed, f.object, self.unit, f.filter)
+            calib = dirs.base / naming.calib_name(self.unit, f.object, f.date_obs, f.filter, f.exptime)
+            res.jobs.append(Job(f, calib, visit_of[f.path], bias_ref, dref, fref))
+        return res
+
+    def _dark_for(self, exptime: float, tonight: dict[float, MasterRef], ref_mjd: float) -> MasterRef | None:
+        """Tonight's dark nearest in exposure time, else the archived one (nearest date first)."""
+        if tonight:
+            t = min(tonight, key=lambda d: (abs(d - exptime), -d))
+            return tonight[t]
+        return self._borrow("dark", ref_mjd, exptime=exptime)
+
+    # ------------------------------------------------------------------ reduction
+    def _bad_pixels(self, job: Job, gain: float):
+        key = (job.bias.path, job.dark.path, job.flat.path, self.edge_pixels)
+        if key in self._badcache:
+            return self._badcache[key]
+        b, be, bh = self.load(job.bias.path)
+        d, de, dh = self.load(job.dark.path)
+        fl, fe, _ = self.load(job.flat.path)
+        xp = self.xp
+        bad = masks.master_bad_pixels(xp, b, be, d, de, job.dark.exptime, fl, fe, gain,
+                                      int(bh.get("NCOMBINE", 0)))
+        bad = bad | masks.edge_mask(xp, bad.shape, self.edge_pixels)
+        self._badcache.clear()            # one master set at a time (frames come grouped)
+        self._badcache[key] = bad
+        return bad
+
+    def _gain(self, hdr: fits.Header) -> tuple[float, str]:
+        try:
+            g = float(hdr["EGAIN"])
+            if np.isfinite(g) and g > 0:
+                return g, "raw header EGAIN"
+        except (KeyError, TypeError, ValueError):
+            pass
+        obs = load_obs().get(self.unit)
+        g = float(obs["gain"]) if obs else 1.0
+        log.warning("no usable EGAIN in the raw header; using %.3g e-/ADU from obs.dat", g)
+        return g, "obs.dat (no EGAIN in the raw header)"
+
+    def _read_noise_adu(self, hdr: fits.Header, bias_hdr: fits.Header, bias_err: np.ndarray,
+                        gain: float) -> float:
+        """Read noise (raw ADU): raw RDNOISE (e-), else the master bias's measurement, else
+        its error image, else 0."""
+        for value, conv in ((hdr.get("RDNOISE"), 1.0 / gain), (bias_hdr.get("RDNADU"), 1.0)):
+            try:
+                v = float(value) * conv
+            except (TypeError, ValueError):
+                continue
+            if np.isfinite(v) and v > 0:
+                return v
+        n = int(bias_hdr.get("NCOMBINE", 0))
+        if n >= 2:
+            med = float(np.nanmedian(bias_err[::8, ::8]))
+            if np.isfinite(med) and med > 0:
+                return med * np.sqrt(n) / median_error_factor(n)
+        return 0.0
+
+    def reduce(self, job: Job) -> Products:
+        """Reduce one science frame and write its image, weight and mask."""
+        xp = self.xp
+        info = job.info
+        raw_img = RawImage(info.path)
+        raw_host = raw_img.read()
+        raw = xp.asarray(raw_host)
+        b, be, bh = self.load(job.bias.path)
+        d, de, dh = self.load(job.dark.path)
+        fl, fe, fh = self.load(job.flat.path)
+        for name, arr in (("bias", b), ("dark", d), ("flat", fl)):
+            if arr.shape != raw.shape:
+                raise BadInputError(info.path, f"frame shape {tuple(raw.shape)} differs from the master "
+                                               f"{name} {arr.shape}")
+        gain, gain_src = self._gain(info.header)
+        scale = reduce.dark_scale(info.exptime, job.dark.exptime)
+        bad = self._bad_pixels(job, gain)
+        good = bad == 0
+        sat_raw = float(self.settings.saturate_adu)
+        if "SATURATE" in info.header:
+            try:
+                sat_raw = min(sat_raw, float(info.header["SATURATE"]))
+            except (TypeError, ValueError):
+                pass
+        red = reduce.reduce_frame(raw, b, d, scale, fl, xp)
+        mask = bad | masks.saturation_mask(xp, raw, sat_raw)
+        nonfinite = ~xp.isfinite(red)
+        mask = mask | xp.where(nonfinite, xp.uint16(int(MaskBit.NONFINITE)), xp.uint16(0)).astype(xp.uint16)
+        red = xp.where(nonfinite, xp.float32(0), red)
+        sky = reduce.subgrid_median(red, mask == 0, xp)
+        rn_adu = self._read_noise_adu(info.header, bh, be, gain)
+        var = reduce.variance_map(fl, d, xp.nan_to_num(xp.asarray(be)), xp.nan_to_num(xp.asarray(de)),
+                                  xp.nan_to_num(xp.asarray(fe)), scale, sky, gain, rn_adu, xp)
+        egain = reduce.effective_gain(gain, fl, good, xp)
+        sat_red = reduce.reduced_saturation(sat_raw, b, d, scale, fl, good, xp)
+        ncr = 0
+        trail_list: list = []
+        if self.settings.cosmic_rays:
+            cr = masks.cosmic_ray_mask(xp, red, var, sky, mask != 0, egain, rn_adu * gain, sat_red)
+            ncr = int(cr.sum())
+            mask = mask | xp.asarray(np.where(cr, np.uint16(int(MaskBit.COSMIC_RAY)), np.uint16(0)))
+        if self.settings.satellite_trails:
+            noise = to_host(xp.sqrt(var))
+            tmask, trail_list = trails.detect_trails(to_host(red), noise, to_host(mask != 0))
+            mask = mask | xp.asarray(np.where(tmask, np.uint16(int(MaskBit.TRAIL)), np.uint16(0)))
+        weight = masks.weight_map(xp, var, mask)
+
+        mask_h = to_host(mask).astype(np.uint16)
+        hdr = self._science_header(job, gain, gain_src, egain, rn_adu, sat_raw, sat_red, scale, sky, mask_h,
+                                   ncr, trail_list)
+        image_path = job.calib_path
+        weight_path = naming.weight_of(image_path)
+        mask_path = naming.flag_of(image_path)
+        hdr["WEIGHTIM"] = weight_path.name[:68]        # inverse-variance weight map
+        hdr["MASKIM"] = mask_path.name[:68]            # uint16 bit mask (gppy.masks.MaskBit)
+        inputs = [info.path, job.bias.path, job.dark.path, job.flat.path]
+        subset = _settings_subset(self.settings)
+        stamp(hdr, "calib", inputs, subset)
+        write_fits(image_path, to_host(red).astype(np.float32, copy=False), hdr)
+        whdr = self._aux_header(info, "weight", "inverse variance [ADU^-2]; 0 where masked", image_path)
+        stamp(whdr, "calib", inputs, subset)
+        write_fits(weight_path, to_host(weight).astype(np.float32, copy=False), whdr)
+        mhdr = self._aux_header(info, "mask", "bit mask, see MASKB_* and gppy.masks.MaskBit", image_path)
+        for name, value in gmasks.describe().items():
+            mhdr[f"HIERARCH MASKB_{name}"] = value
+        stamp(mhdr, "calib", inputs, subset)
+        write_fits(mask_path, mask_h, mhdr)
+        return Products(image_path, weight_path, mask_path, ncr, len(trail_list), trail_list)
+
+    def _aux_header(self, info: FrameInfo, kind: str, what: str, image: Path) -> fits.Header:
+        h = fits.Header()
+        for key in ("OBJECT", "FILTER", "EXPTIME", "DATE-OBS", "TELESCOP"):
+            if key in info.header:
+                h[key] = info.header[key]
+        h["PRODTYPE"] = (kind, what)
+        h["IMAGE"] = image.name[:68]                   # the image this map belongs to
+        return h
+
+    def _science_header(self, job: Job, gain: float, gain_src: str, egain: float, rn_adu: float,
+                        sat_raw: float, sat_red: float, scale: float, sky: float, mask: np.ndarray,
+                        ncr: int, trail_list: list) -> fits.Header:
+        hdr = job.info.header.copy()
+        for key in ("BZERO", "BSCALE", "BLANK", "DATAMIN", "DATAMAX"):
+            hdr.remove(key, ignore_missing=True, remove_all=True)
+        for change in job.info.changes:
+            hdr.add_history(f"changehdr: {change}"[:72])
+        hdr["BUNIT"] = ("ADU", "bias, scaled dark and flat removed")
+        hdr["EGAINRAW"] = (round(gain, 6), f"[e-/ADU] raw gain ({gain_src})"[:47])
+        hdr["EGAIN"] = (round(egain, 6), "[e-/ADU] of this image (raw gain x median flat)")
+        hdr["RDNOISE"] = (round(rn_adu * gain, 4), "[e-] read noise")
+        hdr["SATRAW"] = (sat_raw, "[ADU] raw saturation level used")
+        hdr["SATURATE"] = (round(sat_red, 2), "[ADU] conservative saturation of this image")
+        hdr["SKYLEVEL"] = (round(sky, 3), "[ADU] median sky used for the weight map")
+        for ref, kw in ((job.bias, "BIAS"), (job.dark, "DARK"), (job.flat, "FLAT")):
+            hdr[f"{kw}FILE"] = (ref.path.name[:68], f"master {ref.kind} used")
+            hdr[f"{kw}DATE"] = (f"{ref.date[:4]}-{ref.date[4:6]}-{ref.date[6:]}", f"date of the master {ref.kind}")
+            hdr[f"{kw}BORR"] = (bool(ref.borrowed), f"master {ref.kind} borrowed from the archive")
+        hdr["DARKEXP"] = (float(job.dark.exptime), "[s] exposure time of the master dark")
+        hdr["DARKSCAL"] = (round(scale, 6), "dark scale factor EXPTIME / DARKEXP")
+        borrowed = [r.kind for r in (job.bias, job.dark, job.flat) if r.borrowed]
+        hdr["CALBORR"] = (",".join(borrowed) or "none", "masters borrowed from the archive")
+        for ref in (r for r in (job.bias, job.dark, job.flat) if r.borrowed):
+            hdr.add_history(f"borrowed {ref.kind}: {ref.describe()}"[:72])
+        hdr["CRDETECT"] = (bool(self.settings.cosmic_rays), "cosmic rays detected (astroscrappy)")
+        hdr["TRDETECT"] = (bool(self.settings.satellite_trails), "satellite trails detected (Hough)")
+        hdr["NBADPIX"] = (int(np.count_nonzero(mask & int(MaskBit.BAD))), "pixels flagged BAD")
+        hdr["NSATPIX"] = (int(np.count_nonzero(mask & int(MaskBit.SATURATED))), "pixels flagged SATURATED")
+        hdr["NCRPIX"] = (int(ncr), "pixels flagged COSMIC_RAY")
+        hdr["NTRAIL"] = (len(trail_list), "trails found")
+        hdr["NTRLPIX"] = (int(np.count_nonzero(mask & int(MaskBit.TRAIL))), "pixels flagged TRAIL")
+        hdr["CALBACK"] = (backend_name(self.xp), "array backend of the calibration")
+        return hdr
+
+
+def mean_date_mjd(m: Master) -> float:
+    """Mean DATE-OBS of a new master's inputs, MJD."""
+    from astropy.time import Time
+
+    return float(Time(m.date_obs, format="isot", scale="utc").mjd)
+

@@ -1,0 +1,87 @@
+"""The calibration service: ``night.ready`` in; one ``night.plan`` then one
+``frame.calibrated`` per science frame out.
+
+The work is done by :class:`gppy_calib.night.NightCalibrator` in a worker thread
+(``asyncio.to_thread``) so that the runtime's heartbeats continue. The plan is published as
+soon as the masters are ready, then each frame's event as soon as its files are written, so
+astrometry starts early; the same events are also returned to the runtime, whose publish
+is de-duplicated by message id. A frame that fails during reduction gets a ``stage.failed``
+event instead (the plan already announced it, so the night's completion does not wait).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import ClassVar
+
+from gppy.fitsio import BadInputError
+from gppy.messages import Event, FrameCalibrated, NightPlan, NightReady, PlannedFrame
+from gppy.runtime import StageService, run_service
+from gppy.xp import get_xp
+from gppy_calib.night import Job, NightCalibrator
+
+log = logging.getLogger(__name__)
+
+
+class CalibService(StageService):
+    """Masters, science reduction, masks and weights for one night per message."""
+
+    name: ClassVar[str] = "calib"
+    consumes: ClassVar[list[str]] = ["night.ready"]
+
+    def calibrator(self, unit: str) -> NightCalibrator:
+        return NightCalibrator(self.settings, self.paths, unit, get_xp(self.settings.gpu))
+
+    async def _emit(self, event: Event) -> None:
+        if self.js is not None:
+            await self.publish(event)
+
+    async def handle(self, event: Event) -> list[Event]:
+        if not isinstance(event, NightReady):
+            raise BadInputError(getattr(event, "night_id", "?"), f"calib does not handle {event.kind}")
+        cal = self.calibrator(event.unit)
+        with self.step("masters"):
+            result = await asyncio.to_thread(cal.prepare, Path(event.night_dir), event.targets, event.filters)
+        for path, reason in result.rejected.items():
+            log.warning("rejected %s: %s", path, reason)
+        for key, text in result.qc.items():
+            log.info("QC %s: %s", key, text)
+        plan = NightPlan(night_id=event.night_id, unit=event.unit, lane=event.lane, night_dir=event.night_dir,
+                         frames=[self._planned(job) for job in result.jobs], rejected=result.rejected,
+                         borrowed=result.borrowed)
+        await self._emit(plan)
+        outputs: list[Event] = [plan]
+        for job in result.jobs:
+            try:
+                with self.step("reduce"):
+                    products = await asyncio.to_thread(cal.reduce, job)
+            except BadInputError as exc:
+                log.error("frame %s failed: %s", job.info.path, exc.reason)
+                out: Event = self.failed(event, exc.reason, item=job.info.path)
+            else:
+                out = FrameCalibrated(night_id=event.night_id, unit=event.unit, lane=event.lane,
+                                      path=str(products.image), weight_path=str(products.weight),
+                                      mask_path=str(products.mask), raw_path=job.info.path,
+                                      object=job.info.object, filter=job.info.filter,
+                                      exptime=job.info.exptime, date_obs=job.info.date_obs, visit=job.visit)
+            await self._emit(out)
+            outputs.append(out)
+        log.info("night %s: %d frames reduced, %d rejected, %d masters archived", event.night_id,
+                 sum(isinstance(o, FrameCalibrated) for o in outputs), len(result.rejected), len(result.masters))
+        return outputs
+
+    @staticmethod
+    def _planned(job: Job) -> PlannedFrame:
+        f = job.info
+        return PlannedFrame(raw_path=f.path, calib_path=str(job.calib_path), object=f.object, filter=f.filter,
+                            exptime=f.exptime, date_obs=f.date_obs, visit=job.visit)
+
+
+def main() -> None:
+    run_service(CalibService)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""Satellite and aircraft trails: a Hough line detector on a binned S/N image (host NumPy/SciPy).
+
+Steps, for a reduced frame, its background noise and the pixels already masked:
+
+1. S/N image ``(image - background) / noise`` with masked pixels set to 0; the background is
+   a block median (``BKG_BLOCK`` px) so that gentle gradients do not matter.
+2. Bin by ``BIN`` x ``BIN`` (the mean S/N times ``BIN``: the S/N of the block sum), and keep
+   the binned pixels above ``DETECT_SNR``.
+3. Drop compact blobs (stars, galaxies): connected groups that are neither small (at most
+   ``SMALL_BLOB`` binned px, the fragments a faint trail breaks into) nor elongated (the
+   ratio of the principal axes at least ``ELONGATION``).
+4. Hough transform of what is left (``NTHETA`` angles over 180 deg, 1-binned-px distance
+   bins); the strongest line must collect at least ``MIN_LENGTH / BIN`` votes.
+5. Check the line on the full-resolution S/N image: the median S/N profile across the line
+   (along-line median at each perpendicular offset) must peak above ``PROFILE_SNR``
+   within ``SEARCH_HALF`` px; the mask half-width is the farthest offset from the peak where
+   the profile is still above ``EDGE_SNR``, plus ``MARGIN`` px. Along the line, 64-px pieces
+   whose mean S/N in that strip is significant (> 3 sigma) define the extent (the first to
+   the last such piece); the trail must be at least ``MIN_LENGTH`` px long.
+6. Mask the strip, remove its votes, and look for the next line (at most ``MAX_TRAILS``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+BIN = 4
+BKG_BLOCK = 64
+DETECT_SNR = 2.5
+SMALL_BLOB = 6
+ELONGATION = 3.0
+NTHETA = 720
+MIN_LENGTH = 200.0
+SEARCH_HALF = 6.0
+PROFILE_SNR = 0.6
+EDGE_SNR = 1.0
+MARGIN = 1.5
+MAX_TRAILS = 3
+STRIP_HALF = 25
+
+
+@dataclass(frozen=True)
+class Trail:
+    """One detected trail.
+
+    Attributes
+    ----------
+    x0, y0, x1, y1 : float
+        0-based pixel coordinates of its ends (along the detected extent).
+    half_width : float
+        Half width of the masked strip, px.
+    peak_snr : float
+        Median S/N per pixel on the trail's centre line.
+    """
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    half_width: float
+    peak_snr: float
+
+
+def _block_background(image: np.ndarray, good: np.ndarray, block: int) -> np.ndarray:
+    ny, nx = image.shape
+    by, bx = -(-ny // block), -(-nx // block)
+    pad = np.full((by * block, bx * block), np.nan, np.float32)
+    pad[:ny, :nx] = np.where(good, image, np.nan)
+    blocks = pad.reshape(by, block, bx, block).transpose(0, 2, 1, 3).reshape(by, bx, -1)
+    with np.errstate(all="ignore"):
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(blocks, axis=2)
+    fill = np.nanmedian(med) if np.isfinite(med).any() else 0.0
+    med = np.where(np.isfinite(med), med, fill).astype(np.float32)
+    med = ndimage.median_filter(med, size=3, mode="nearest")
+    return np.repeat(np.repeat(med, block, axis=0), block, axis=1)[:ny, :nx]
+
+
+def snr_image(image: np.ndarray, noise: np.ndarray | float, masked: np.ndarray) -> np.ndarray:
+    """Background-subtracted S/N per pixel; 0 on masked or non-finite pixels."""
+    image = np.asarray(image, dtype=np.float32)
+    good = ~np.asarray(masked, dtype=bool) & np.isfinite(image)
+    bkg = _block_background(image, good, BKG_BLOCK)
+    with np.errstate(all="ignore"):
+        snr = (image - bkg) / np.asarray(noise, dtype=np.float32)
+    snr[~good | ~np.isfinite(snr)] = 0.0
+    return snr.astype(np.float32)
+
+
+def _bin(snr: np.ndarray, b: int) -> np.ndarray:
+    ny, nx = snr.shape
+    by, bx = ny // b, nx // b
+    return snr[:by * b, :bx * b].reshape(by, b, bx, b).mean(axis=(1, 3)) * b
+
+
+def _candidate_pixels(binned: np.ndarray) -> np.ndarray:
+    """Binned pixels above threshold that belong to small or elongated groups."""
+    det = binned > DETECT_SNR
+    labels, n = ndimage.label(det, structure=np.ones((3, 3)))
+    if n == 0:
+        return np.zeros_like(det)
+    idx = np.arange(1, n + 1)
+    count = ndimage.sum_labels(det, labels, idx)
+    yy, xx = np.indices(det.shape)
+    my = ndimage.mean(yy, labels, idx)
+    mx = ndimage.mean(xx, labels, idx)
+    syy = ndimage.mean(yy * yy, labels, idx) - my * my
+    sxx = ndimage.mean(xx * xx, labels, idx) - mx * mx
+    sxy = ndimage.mean(xx * yy, labels, idx) - mx * my
+    tr, det2 = sxx + syy, sxx * syy - sxy * sxy
+    disc = np.sqrt(np.maximum(tr * tr / 4 - det2, 0))
+    lmax, lmin = tr / 2 + disc, np.maximum(tr / 2 - disc, 1.0 / 12)
+    elong = np.sqrt(lmax / lmin)
+    keep = (count <= SMALL_BLOB) | (elong >= ELONGATION)
+    keep_lut = np.concatenate([[False], keep])
+    return keep_lut[labels]
+
+
+def _hough_peak(ys: np.ndarray, xs: np.ndarray, shape: tuple[int, int]) -> tuple[int, float, float]:
+    """(votes, theta, rho) of the strongest line through the points (binned coordinates)."""
+    theta = np.linspace(0.0, np.pi, NTHETA, endpoint=False)
+    diag = int(np.ceil(np.hypot(*shape))) + 1
+    nrho = 2 * diag + 1
+    cos, sin = np.cos(theta), np.sin(theta)
+    best = (0, 0.0, 0.0)
+    chunk = max(1, 4_000_000 // max(1, xs.size))
+    for t0 in range(0, NTHETA, chunk):
+        c, s = cos[t0:t0 + chunk], sin[t0:t0 + chunk]
+        rho = np.rint(xs[None, :] * c[:, None] + ys[None, :] * s[:, None]).astype(np.int64) + diag
+        k = c.size
+        flat = (np.arange(k)[:, None] * nrho + rho).ravel()
+        acc = np.bincount(flat, minlength=k * nrho)
+        i = int(acc.argmax())
+        if acc[i] > best[0]:
+            ti, ri = divmod(i, nrho)
+            best = (int(acc[i]), float(theta[t0 + ti]), float(ri - diag))
+    return best
+
+
+def _strip(shape: tuple[int, int], theta: float, rho: float, half: float):
+    """Pixels within ``half`` of the line ``x cos t + y sin t = rho`` (full resolution).
+
+    Returns (ys, xs, d, t): coordinates, signed distance and along-line position.
+    """
+    ny, nx = shape
+    c, s = np.cos(theta), np.sin(theta)
+    if abs(s) >= abs(c):          # line closer to horizontal: walk along x
+        xs = np.arange(nx, dtype=np.float64)
+        yc = (rho - xs * c) / s
+        span = int(np.ceil(half / abs(s))) + 1
+        offs = np.arange(-span, span + 1)
+        X = np.repeat(xs, offs.size)
+        Y = np.rint(np.repeat(yc, offs.size) + np.tile(offs, xs.size))
+    else:                          # closer to vertical: walk along y
+        ys = np.arange(ny, dtype=np.float64)
+        xc = (rho - ys * s) / c
+        span = int(np.ceil(half / abs(c))) + 1
+        offs = np.arange(-span, span + 1)
+        Y = np.repeat(ys, offs.size)
+        X = np.rint(np.repeat(xc, offs.size) + np.tile(offs, ys.size))
+    ok = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
+    X, Y = X[ok].astype(np.int64), Y[ok].astype(np.int64)
+    d = X * c + Y * s - rho
+    t = -X * s + Y * c
+    sel = np.abs(d) <= half
+    return Y[sel], X[sel], d[sel], t[sel]
+
+
+def _measure(snr: np.ndarray, theta: float, rho: float) -> Trail | None:
+    """Confirm a Hough line on the full-resolution S/N image and measure its strip."""
+    ys, xs, d, t = _strip(snr.shape, theta, rho, STRIP_HALF)
+    if ys.size == 0:
+        return None
+    vals = snr[ys, xs]
+    off = np.rint(d).astype(np.int64)
+    prof = {}
+    for o in range(-STRIP_HALF, STRIP_HALF + 1):
+        sel = off == o
+        if sel.sum() > 20:
+            prof[o] = float(np.median(vals[sel]))
+    if not prof:
+        return None
+    offsets = np.array(sorted(prof))
+    p = np.array([prof[o] for o in offsets])
+    # the outer part of the strip is background: its scatter sets the significance
+    outer = np.abs(offsets) > STRIP_HALF - 8
+    base = float(np.median(p[outer])) if outer.any() else 0.0
+    p = p - base
+    inner = np.abs(offsets) <= SEARCH_HALF
+    if not inner.any():
+        return None
+    ipk = int(np.argmax(np.where(inner, p, -np.inf)))
+    peak, centre = float(p[ipk]), int(offsets[ipk])
+    if peak < PROFILE_SNR:
+        return None
+    # half width: farthest contiguous offset from the peak still above EDGE_SNR
+    lo = ipk
+    while lo > 0 and p[lo - 1] > EDGE_SNR:
+        lo -= 1
+    hi = ipk
+    while hi < p.size - 1 and p[hi + 1] > EDGE_SNR:
+        hi += 1
+    half = max(centre - offsets[lo], offsets[hi] - centre) + MARGIN
+    rho_c = rho + centre
+    # extent along the line: 64-px pieces with significant mean S/N inside the strip
+    in_strip = np.abs(d - centre) <= max(1.0, half - MARGIN)
+    tt, vv = t[in_strip], vals[in_strip] - base
+    if tt.size == 0:
+        return None
+    piece = np.floor((tt - tt.min()) / 64.0).astype(np.int64)
+    npiece = int(piece.max()) + 1
+    sums = np.bincount(piece, weights=vv, minlength=npiece)
+    cnts = np.bincount(piece, minlength=npiece)
+    with np.errstate(all="ignore"):
+        sig = sums / np.sqrt(np.maximum(cnts, 1))
+    good = np.flatnonzero((cnts > 0) & (sig > 3.0))
+    if good.size == 0:
+        return None
+    t0 = tt.min() + good[0] * 64.0
+    t1 = min(tt.max(), tt.min() + (good[-1] + 1) * 64.0)
+    if t1 - t0 < MIN_LENGTH:
+        return None
+    c, s = np.cos(theta), np.sin(theta)
+    x0, y0 = rho_c * c - t0 * s, rho_c * s + t0 * c
+    x1, y1 = rho_c * c - t1 * s, rho_c * s + t1 * c
+    return Trail(float(x0), float(y0), float(x1), float(y1), float(half), peak)
+
+
+def trail_pixels(shape: tuple[int, int], trail: Trail) -> tuple[np.ndarray, np.ndarray]:
+    """(ys, xs) of the pixels a trail's strip covers (its extent plus ``half_width`` at the ends)."""
+    dx, dy = trail.x1 - trail.x0, trail.y1 - trail.y0
+    length = float(np.hypot(dx, dy))
+    theta = float(np.arctan2(dy, dx)) - np.pi / 2      # normal; the line runs along (-sin, cos)
+    c, s = np.cos(theta), np.sin(theta)
+    rho = trail.x0 * c + trail.y0 * s
+    ys, xs, d, t = _strip(shape, theta, rho, trail.half_width)
+    ext = t - (-trail.x0 * s + trail.y0 * c)
+    sel = (ext >= -trail.half_width) & (ext <= length + trail.half_width)
+    return ys[sel], xs[sel]
+
+
+def detect_trails(image: np.ndarray, noise: np.ndarray | float, masked: np.ndarray,
+                  max_trails: int = MAX_TRAILS) -> tuple[np.ndarray, list[Trail]]:
+    """Find straight trails in a reduced frame.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        Reduced frame, ADU (host array).
+    noise : numpy.ndarray or float
+        1-sigma background noise per pixel, same units.
+    masked : numpy.ndarray of bool
+        Pixels to ignore (bad, saturated, cosmic rays).
+    max_trails : int
+        Most trails to look for.
+
+    Returns
+    -------
+    mask : numpy.ndarray of bool
+        True on trail pixels.
+    trails : list of Trail
+    """
+    shape = image.shape
+    snr = snr_image(image, noise, masked)
+    binned = _bin(snr, BIN)
+    cand = _candidate_pixels(binned)
+    out = np.zeros(shape, dtype=bool)
+    trails: list[Trail] = []
+    ys, xs = np.nonzero(cand)
+    min_votes = MIN_LENGTH / BIN * 0.5
+    tried: set[tuple[int, int]] = set()
+    attempts = 0
+    while len(trails) < max_trails and ys.size >= min_votes and attempts < 4 * max_trails:
+        attempts += 1
+        votes, theta, rho = _hough_peak(ys.astype(np.float64), xs.astype(np.float64), binned.shape)
+        if votes < min_votes:
+            break
+        key = (int(round(np.degrees(theta) * 2)), int(round(rho)))
+        # binned coordinates -> full resolution (binned pixel centre is at BIN*i + (BIN-1)/2)
+        rho_full = rho * BIN + (BIN - 1) / 2.0 * (np.cos(theta) + np.sin(theta))
+        trail = _measure(snr, theta, rho_full) if key not in tried else None
+        tried.add(key)
+        # remove the votes of this line whatever the verdict, to look for the next one
+        dist = np.abs(xs * np.cos(theta) + ys * np.sin(theta) - rho)
+        near = dist <= max(2.0, (trail.half_width / BIN + 1.0) if trail else 2.0)
+        ys, xs = ys[~near], xs[~near]
+        if trail is None:
+            continue
+        ty, tx = trail_pixels(shape, trail)
+        out[ty, tx] = True
+        trails.append(trail)
+    return out, trails

@@ -210,16 +210,16 @@ def simulate(outdir: str | Path, unit: str = "7DT01", night: str = "2025-01-15",
     # path.json
     path_json = out / "path.json"
     cfg = {
-        "_comment": "written by gppy simulate; blank values fall back to v1 defaults derived from path_base",
+        "_comment": "written by gppy simulate; every root is explicit (the v1 defaults derived from path_base)",
         "path_base": str(base),
         "path_obsdata": str(out / "obsdata"),
-        "path_processed": "",
-        "path_refcat": "",
-        "path_ref_scamp": "",
-        "path_log": "",
-        "ref_frame": "",
-        "path_mframe": "",
-        "path_scratch": "",
+        "path_processed": str(out / "processed_1x1_gain2750"),
+        "path_refcat": str(base / "ref_cat"),
+        "path_ref_scamp": str(base / "ref_scamp"),
+        "path_log": str(base / "log"),
+        "ref_frame": str(base / "ref_frame"),
+        "path_mframe": str(base / "master_frame_1x1_gain2750"),
+        "path_scratch": str(base / "scratch"),
         "skygrid": str(base / "skygrid.fits"),
         "settings": {"stack_size": list(stack_size), "units": [unit]},
     }
@@ -372,9 +372,12 @@ def _make_transients(plan: Plan, fields: list[StarField], truths: dict[int, Fram
                                               "bright_star_gmag": float(f.gmag[host]),
                                               "separation_arcsec": float(sep)}
             else:
-                xi, eta = r.uniform(-box_x, box_x), r.uniform(-box_y, box_y)
-                rr, dd = tan_deproject(np.array([xi]), np.array([eta]), tg.ra, tg.dec)
-                ra, dec = float(rr[0]), float(dd[0])
+                for _ in range(200):       # away from stars brighter than G = 19.5 (5")
+                    xi, eta = r.uniform(-box_x, box_x), r.uniform(-box_y, box_y)
+                    rr, dd = tan_deproject(np.array([xi]), np.array([eta]), tg.ra, tg.dec)
+                    ra, dec = float(rr[0]), float(dd[0])
+                    if _clear_of_stars(f, ra, dec, 5.0, 19.5):
+                        break
                 kind, extra = "static", {}
             mags = {}
             for filt, (ft, nfr) in ref_frame.items():
@@ -406,6 +409,12 @@ def _make_transients(plan: Plan, fields: list[StarField], truths: dict[int, Fram
                         "pa_deg": float(r.uniform(0, 360)), "mag": mags, "snr_single_design": 30.0,
                         "frames": []})
     return out
+
+
+def _clear_of_stars(f: StarField, ra: float, dec: float, radius_arcsec: float, gmax: float) -> bool:
+    near = (np.abs(f.dec - dec) < radius_arcsec / 3600) & (f.gmag < gmax)
+    d = np.hypot((f.ra[near] - ra) * np.cos(np.deg2rad(dec)), f.dec[near] - dec) * 3600
+    return not np.any(d < radius_arcsec)
 
 
 def _transient_position(tr: dict, t: Time) -> tuple[float, float]:
@@ -512,7 +521,7 @@ def _science_frame(spec: FrameSpec, tr: FrameTruth, fld: StarField, det: Detecto
     stars["gmag"] = fld.gmag[sel]
     stars["fwhm_arcsec"] = fwhm[sel] * ins.PIXEL_SCALE
     stars["ellipticity"] = ell[sel]
-    stars["saturated"] = raw[iy, ix] >= ins.ADC_MAX
+    stars["saturated"] = (raw[iy, ix] >= ins.ADC_MAX).astype(np.int8)
     for c in ("ra", "dec"):
         stars[c].info.format = ".8f"
     for c in ("x_0based", "y_0based", "x_1based", "y_1based"):

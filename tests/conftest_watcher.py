@@ -89,6 +89,7 @@ class SlackStandIn:
     port: int = 0
     messages: list[dict] = field(default_factory=list)
     requests: int = 0
+    answers: list[int] = field(default_factory=list)  # HTTP codes to answer first (429, 503...)
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
@@ -106,6 +107,16 @@ class SlackStandIn:
             def do_POST(self):
                 stand_in.requests += 1
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if stand_in.answers:
+                    code = stand_in.answers.pop(0)
+                    if code == 429:
+                        self.send_response(429)
+                        self.send_header("Retry-After", "1")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                    else:
+                        self._reply(code, {"ok": False, "error": "internal_error"})
+                    return
                 if self.path != "/api/chat.postMessage":
                     self._reply(404, {"ok": False, "error": "unknown_method"})
                     return

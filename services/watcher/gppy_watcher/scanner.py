@@ -34,6 +34,7 @@ from gppy_watcher.endofnight import logged_nights
 from gppy_watcher.ledger import Ledger, NightRecord, new_record
 
 log = logging.getLogger(__name__)
+logging.getLogger("watchfiles").setLevel(logging.WARNING)  # one INFO line per change otherwise
 
 #: v1's folder globs as regular expressions; the month ``00`` marks a test night.
 DEFAULT_PATTERNS = {

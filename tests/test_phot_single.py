@@ -63,6 +63,10 @@ def test_zero_points_match_truth(field, realisations):
             assert 0 < res.zps[s].ezp < 0.02
         # MAG_AUTO: Kron apertures hold >~ 90 % of the flux of a Moffat(3) star
         assert -0.12 < res.zps["AUTO"].zp - field.zp < 0.0
+        # total-flux zero point from the curve of growth: the truth (the stamps of the synthetic
+        # stars hold 99.6 % of an infinite Moffat(3), hence +0.004 expected)
+        assert abs(res.total.zp - field.zp) < 0.02, res.total
+        assert abs(res.total.zp - field.zp) < 3 * res.total.ezp + 0.005
     zp1 = np.array([r.zps["APER_3"].zp for r in realisations])
     ezp1 = np.array([r.zps["APER_3"].ezp for r in realisations])
     # ZP error honest to a factor of ~2 with 6 realisations (chi2 with 5 dof is wide)

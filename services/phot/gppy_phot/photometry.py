@@ -124,6 +124,7 @@ class PhotResult:
     skyval: float
     skysig: float
     noise: dict[str, float]
+    total: zeropoint.TotalZeroPoint | None = None
     zp_inputs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
@@ -278,6 +279,14 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
         depths[s] = (depth.limiting_magnitude(zp.zp, skysig, d, 3, ratio),
                      depth.limiting_magnitude(zp.zp, skysig, d, 5, ratio))
 
+    suf = list(SUFFIXES[1:])
+    try:
+        total = zeropoint.total_zero_point(np.array([aps.diameters[s] / 2 for s in suf]),
+                                           np.array([zps[s].zp for s in suf]), np.array([zps[s].ezp for s in suf]),
+                                           see.peeing_px)
+    except ValueError:
+        total = zeropoint.TotalZeroPoint(float("nan"), float("nan"), float("nan"), float("nan"), float("nan"))
+
     kept1 = np.zeros(len(se), bool)
     kept1[np.flatnonzero(use_of["APER_1"])[zps["APER_1"].kept]] = True
 
@@ -285,22 +294,24 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
     meta = {"obs": header.get("TELESCOP", ""), "object": info.obj, "filter": info.filt,
             "date-obs": t_jd.isot, "jd": round(float(t_jd.jd), 6), "mjd": round(float(t_jd.mjd), 6),
             "seeing": round(see.seeing_arcsec, 3), "refcat": p.refcat_name, "image": Path(image_path).name,
-            "zp": {s: round(z.zp, 4) for s, z in zps.items()},
+            "zp": {s: round(z.zp, 4) for s, z in zps.items()}, "zp_total": round(total.zp, 4),
             "ezp": {s: round(z.ezp, 4) for s, z in zps.items()},
             "zpscatter": {s: round(z.scatter, 4) for s, z in zps.items()}}
     table = catalog.build_catalogue(se, info.filt, calibrated, catalog.reference_columns(ref, idx, info.filt),
                                     sep, zpsel, kept1, meta)
     cards = header_cards(info, see, aps, zps, depths, noise, res.background, skysig, int(zpsel.sum()),
-                         p.refcat_name)
+                         p.refcat_name, total)
     return PhotResult(table=table, cards=cards, seeing=see, apertures=aps, zps=zps, depths=depths,
-                      skyval=float(res.background), skysig=skysig, noise=noise, zp_inputs=zp_inputs)
+                      skyval=float(res.background), skysig=skysig, noise=noise, zp_inputs=zp_inputs, total=total)
 
 
 def header_cards(info: ImageInfo, see: seeing.Seeing, aps: ApertureSet, zps: dict[str, zeropoint.ZeroPoint],
                  depths: dict[str, tuple[float, float]], noise: dict[str, float], skyval: float,
-                 skysig: float, nstd: int, refcat_name: str) -> list[tuple[str, object, str]]:
-    """v1's header keys (§7.2 item 11) plus ``ZPN_k`` (stars kept) and ``APNF_k`` (aperture
-    noise over white noise)."""
+                 skysig: float, nstd: int, refcat_name: str,
+                 total: zeropoint.TotalZeroPoint | None = None) -> list[tuple[str, object, str]]:
+    """v1's header keys (§7.2 item 11) plus ``ZPN_k`` (stars kept), ``APNF_k`` (aperture
+    noise over white noise) and ``ZP_TOT``/``EZP_TOT``/``COGBETA`` (total-flux zero point from
+    the curve of growth, :func:`gppy_phot.zeropoint.total_zero_point`)."""
     t = info.obstime
     cards: list[tuple[str, object, str]] = [
         ("AUTHOR", "gppy phot", "photometry software"),
@@ -331,6 +342,10 @@ def header_cards(info: ImageInfo, see: seeing.Seeing, aps: ApertureSet, zps: dic
                   (f"ZPN_{k}", z.nused, f"stars kept for ZP_{k}")]
         if s in noise and np.isfinite(noise[s]):
             cards.append((f"APNF_{k}", round(float(noise[s]), 3), f"aperture noise / white noise, MAG_{s}"))
+    if total is not None and np.isfinite(total.zp):
+        cards += [("ZP_TOT", round(total.zp, 4), "total-flux zero point (curve of growth)"),
+                  ("EZP_TOT", round(total.ezp, 4) if np.isfinite(total.ezp) else 0.0, "error of ZP_TOT"),
+                  ("COGBETA", round(total.beta, 3), "Moffat beta of the curve of growth")]
     return cards
 
 

@@ -108,7 +108,8 @@ def photometry_products(image: Path, weight: Path | None, mask_path: Path | None
     write_text(dirs.phot / f"{stem(image)}.phot.reg", regions.phot_regions(result.table, result.seeing.seeing_arcsec))
     # header keys last: the image announces its photometry only once the products exist
     rewrite_with_header(image, data, apply_cards(header, result.cards))
-    return {"catalogue_path": str(cat_path), "zp": result.zps["AUTO"].zp, "seeing": result.seeing.seeing_arcsec,
+    zp = result.total.zp if result.total is not None and np.isfinite(result.total.zp) else result.zps["AUTO"].zp
+    return {"catalogue_path": str(cat_path), "zp": zp, "seeing": result.seeing.seeing_arcsec,
             "depth": result.ul5_1}
 
 

@@ -89,6 +89,85 @@ def clipped_zero_point(zp_values: np.ndarray, sigma: float = CLIP_SIGMA) -> Zero
     return ZeroPoint(zp=zp, ezp=float(ezp), scatter=scatter, ninput=int(finite.sum()), nused=n, kept=kept)
 
 
+def moffat_ee(radius: np.ndarray | float, alpha: float, beta: float) -> np.ndarray:
+    """Encircled energy of a circular Moffat profile within ``radius`` (same unit as alpha)."""
+    return 1.0 - (1.0 + (np.asarray(radius, float) / alpha) ** 2) ** (1.0 - beta)
+
+
+@dataclass(frozen=True)
+class TotalZeroPoint:
+    """Zero point of the total flux (mag of a source giving 1 image unit in total)."""
+
+    zp: float
+    ezp: float
+    alpha: float
+    beta: float
+    correction: float  # mag added to the largest aperture's ZP
+
+
+def total_zero_point(radii_px: np.ndarray, zps: np.ndarray, ezps: np.ndarray, fwhm_px: float,
+                     floor: float = 0.004) -> TotalZeroPoint:
+    """Total-flux zero point from the aperture zero points (a curve of growth).
+
+    The aperture zero points are ``ZP_k = ZP_tot + 2.5 log10 EE(R_k)``, with EE the encircled
+    energy of the stars. A circular Moffat EE (alpha, beta free) is fitted to them together
+    with ZP_tot, by least squares with errors ``sqrt(EZP_k^2 + floor^2)``; the result is the
+    largest aperture's ZP minus 2.5 log10 EE_fit(R_max). Its error combines that aperture's
+    EZP with the spread of the correction over the fit's covariance.
+
+    Parameters
+    ----------
+    radii_px : array
+        Aperture radii (px).
+    zps, ezps : array
+        Zero points of the apertures and their errors (mag).
+    fwhm_px : float
+        Seeing FWHM (px), for the starting point.
+    floor : float
+        Error floor per aperture (mag): the PSF is not exactly a circular Moffat.
+    """
+    from scipy.optimize import least_squares
+
+    r = np.asarray(radii_px, float)
+    z = np.asarray(zps, float)
+    e = np.sqrt(np.asarray(ezps, float) ** 2 + floor**2)
+    ok = np.isfinite(r) & np.isfinite(z) & np.isfinite(e) & (r > 0)
+    r, z, e = r[ok], z[ok], e[ok]
+    if len(r) < 3:
+        raise ValueError("need at least 3 apertures for a curve of growth")
+    beta0 = 3.0
+    alpha0 = fwhm_px / (2.0 * np.sqrt(2.0 ** (1.0 / beta0) - 1.0))
+    imax = int(np.argmax(r))
+
+    def resid(p):
+        zp0, la, lb = p
+        return (z - (zp0 + 2.5 * np.log10(moffat_ee(r, np.exp(la), 1.0 + np.exp(lb))))) / e
+
+    fit = least_squares(resid, [z[imax], np.log(alpha0), np.log(beta0 - 1.0)],
+                        bounds=([-np.inf, np.log(0.3), np.log(0.3)], [np.inf, np.log(50.0), np.log(20.0)]))
+    zp0, la, lb = fit.x
+    alpha, beta = float(np.exp(la)), float(1.0 + np.exp(lb))
+    corr = -2.5 * np.log10(moffat_ee(r[imax], alpha, beta))
+    # error of the correction from the covariance of (log alpha, log(beta-1))
+    try:
+        jac = fit.jac
+        cov = np.linalg.pinv(jac.T @ jac)
+        chi2 = float((fit.fun**2).sum()) / max(1, len(r) - 3)
+        cov *= max(1.0, chi2)
+        eps = 1e-4
+        g = np.zeros(3)
+        for i in (1, 2):
+            p = np.array(fit.x, float)
+            p[i] += eps
+            c2 = -2.5 * np.log10(moffat_ee(r[imax], np.exp(p[1]), 1.0 + np.exp(p[2])))
+            g[i] = (c2 - corr) / eps
+        ecorr = float(np.sqrt(max(0.0, g @ cov @ g)))
+    except np.linalg.LinAlgError:
+        ecorr = float("nan")
+    ezp = float(np.hypot(np.asarray(ezps, float)[ok][imax], ecorr))
+    return TotalZeroPoint(zp=float(z[imax] + corr), ezp=ezp, alpha=alpha, beta=beta, correction=float(corr))
+
+
 def ujy_per_adu(zp: float) -> float:
     """Flux of one image unit in microjansky for a zero point ``zp`` (AB)."""
     return 10 ** (-0.4 * (zp - UJY_AB))

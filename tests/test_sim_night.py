@@ -24,6 +24,7 @@ from gppy import naming, refcat
 from gppy.config import PathConfig, load_settings
 from gppy.sim import simulate
 from gppy.tables import apply_changehdr, load_changehdr
+from gppy.tools import run_tool
 
 from .conftest_sim import load_night, match_nearest, moffat_fraction_within, run_sextractor
 
@@ -544,3 +545,57 @@ def test_reference_images(night):
         assert abs(np.degrees(np.arctan2(hdr["CD1_2"], -hdr["CD1_1"]))) > 2.0   # rotated
     science_fwhm = night.frame_truth(_science(night)[0])["fwhm_center_arcsec"]
     assert min(fwhms) < science_fwhm or max(fwhms) > science_fwhm
+
+
+def test_scamp_solves_a_frame_with_the_reference_catalogue(night, tmp_path):
+    """SCAMP reads the simulated reference catalogue and, starting from the header pointing,
+    finds a TPV solution that agrees with the true WCS."""
+    obj = night.truth["targets"][0]["name"]
+    name = _science(night, filt="r")[0]
+    t = night.frame_truth(name)
+    img = night.calibrated(name).astype(np.float32)
+    _, raw_hdr = night.raw(name)
+    hdr = fits.Header()
+    for key in ("EXPTIME", "FILTER", "OBJECT", "DATE-OBS", "EGAIN"):
+        hdr[key] = raw_hdr[key]
+    hdr.update({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": raw_hdr["RA"], "CRVAL2": raw_hdr["DEC"],
+                "CRPIX1": 768.5, "CRPIX2": 512.5, "CD1_1": -0.505 / 3600, "CD1_2": 0.0, "CD2_1": 0.0,
+                "CD2_2": 0.505 / 3600, "EQUINOX": 2000.0, "RADESYS": "ICRS"})
+    image = tmp_path / "frame.fits"
+    fits.writeto(image, img, hdr)
+    param = tmp_path / "ldac.param"
+    param.write_text("\n".join(["NUMBER", "XWIN_IMAGE", "YWIN_IMAGE", "ERRAWIN_IMAGE", "ERRBWIN_IMAGE",
+                                "ERRTHETAWIN_IMAGE", "X_WORLD", "Y_WORLD", "FLUX_AUTO", "FLUXERR_AUTO",
+                                "MAG_AUTO", "MAGERR_AUTO", "FLAGS", "FLAGS_WEIGHT", "ELONGATION",
+                                "FLUX_RADIUS"]) + "\n")
+    cat = tmp_path / "frame.ldac"
+    run_tool("sextractor", [str(image), "-c", "/dev/null", "-PARAMETERS_NAME", str(param), "-CATALOG_NAME", str(cat),
+                            "-CATALOG_TYPE", "FITS_LDAC", "-FILTER", "N", "-DETECT_THRESH", "5",
+                            "-DETECT_MINAREA", "5", "-GAIN", "0.256", "-GAIN_KEY", "NO_SUCH_KEY",
+                            "-SATUR_LEVEL", "50000", "-SATUR_KEY", "NO_SUCH_KEY", "-VERBOSE_TYPE", "QUIET"],
+             cwd=tmp_path, timeout=300)
+    ref = night.root / "factory" / "ref_scamp" / f"{obj}.fits"
+    run_tool("scamp", [str(cat), "-c", "/dev/null", "-ASTREF_CATALOG", "FILE", "-ASTREFCAT_NAME", str(ref),
+                       "-ASTREFMAG_LIMITS", "10,20", "-POSITION_MAXERR", "6.0", "-PIXSCALE_MAXERR", "1.2",
+                       "-POSANGLE_MAXERR", "3.0", "-MATCH", "Y", "-MATCH_FLIPPED", "N", "-CROSSID_RADIUS", "2.0",
+                       "-PROJECTION_TYPE", "TPV", "-DISTORT_DEGREES", "3", "-SOLVE_PHOTOM", "N",
+                       "-SN_THRESHOLDS", "10,100", "-CHECKPLOT_TYPE", "NONE", "-WRITE_XML", "N",
+                       "-HEADER_TYPE", "NORMAL", "-NTHREADS", "2", "-VERBOSE_TYPE", "QUIET"],
+             cwd=tmp_path, timeout=300)
+    head = fits.Header.fromstring((tmp_path / "frame.head").read_text(), sep="\n")
+    solved = fits.Header()
+    solved.update({"NAXIS": 2, "NAXIS1": 1536, "NAXIS2": 1024})
+    for card in head.cards:
+        if card.keyword not in ("COMMENT", "HISTORY", ""):
+            solved[card.keyword] = card.value
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        w = WCS(solved)
+    stars = night.stars(name)
+    stars = stars[stars["mag"] < 19]
+    ra, dec = w.all_pix2world(stars["x_1based"], stars["y_1based"], 1)
+    sep = np.hypot((ra - stars["ra"]) * np.cos(np.deg2rad(stars["dec"])), dec - stars["dec"]) * 3600
+    # the header pointing was off by the simulated error; the solution is right to ~0.1"
+    assert np.hypot(*t["pointing_offset_arcsec"]) > 10.0
+    assert np.median(sep) < 0.1, np.median(sep)
+    assert np.percentile(sep, 95) < 0.3, np.percentile(sep, 95)

@@ -248,10 +248,10 @@ def simulate(outdir: str | Path, unit: str = "7DT01", night: str = "2025-01-15",
             "sky_adu": "mean sky in the calibrated frame (ADU per pixel) at the frame centre",
             "epoch": "star ra/dec in truth CSVs are at the mid-exposure epoch; the Gaia CSV is at 2016.0",
         },
-        "elapsed_s": round(time.time() - t_begin, 2),
     }
     fitsio.write_text(truth_dir / "night.json", json.dumps(night_truth, indent=1))
     fitsio.write_text(truth_dir / "transients.json", json.dumps(tr_list, indent=1))
+    say(f"night simulated in {time.time() - t_begin:.1f} s")
     return path_json
 
 

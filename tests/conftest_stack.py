@@ -78,17 +78,21 @@ def render_gaussians(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux:
     return img
 
 
-def star_field(ra0: float, dec0: float, n: int, radius_deg: float, seed: int,
+def star_field(ra0: float, dec0: float, n: int, half_w_deg: float, half_h_deg: float, seed: int,
                mag_range=(14.0, 20.5)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stars on a jittered grid (kept apart so that apertures do not overlap)."""
+    """Stars on a jittered grid over a ``2 half_w x 2 half_h`` box (kept apart so that
+    apertures and background annuli do not overlap neighbours), random magnitudes."""
     rng = np.random.default_rng(seed)
-    side = int(np.ceil(np.sqrt(n)))
-    u = (np.arange(side) + 0.5) / side * 2 - 1
-    gx, gy = np.meshgrid(u, u)
-    gx = gx.ravel()[:n] + rng.uniform(-0.2, 0.2, n) / side
-    gy = gy.ravel()[:n] + rng.uniform(-0.2, 0.2, n) / side
-    dec = dec0 + gy * radius_deg * 0.66
-    ra = ra0 + gx * radius_deg / np.cos(np.deg2rad(dec0))
+    aspect = half_w_deg / half_h_deg
+    ny_ = max(1, int(np.ceil(np.sqrt(n / aspect))))
+    nx_ = int(np.ceil(n / ny_))
+    ux = (np.arange(nx_) + 0.5) / nx_ * 2 - 1
+    uy = (np.arange(ny_) + 0.5) / ny_ * 2 - 1
+    gx, gy = np.meshgrid(ux, uy)
+    gx = gx.ravel()[:n] + rng.uniform(-0.15, 0.15, n) / nx_
+    gy = gy.ravel()[:n] + rng.uniform(-0.15, 0.15, n) / ny_
+    dec = dec0 + gy * half_h_deg
+    ra = ra0 + gx * half_w_deg / np.cos(np.deg2rad(dec0))
     mag = rng.uniform(*mag_range, n)
     return ra, dec, mag
 
@@ -98,7 +102,8 @@ def make_frames(outdir: Path, *, n: int = 3, shape=(1000, 1400), ra0: float = 15
                 start: str = "2025-01-02T03:00:00", gaps_s=None, zp1s: float = 23.0, transparency=None,
                 sky_e_per_s: float = 25.0, fwhm_px=None, gain: float = 0.256, read_noise_e: float = 3.5,
                 seed: int = 1, nstars: int = 120, cosmics: int = 30, saturate: float = 60000.0,
-                bright_star: bool = True, write_zp: bool = True, stars=None) -> Truth:
+                bright_star: bool = True, write_zp: bool = True, stars=None,
+                mag_range=(14.0, 20.5)) -> Truth:
     """Write ``n`` calibrated singles into ``outdir`` and return their truth."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -109,8 +114,8 @@ def make_frames(outdir: Path, *, n: int = 3, shape=(1000, 1400), ra0: float = 15
     transparency = list(transparency or [1.0] * n)
     fwhm_px = list(fwhm_px or [4.0 + 0.4 * i for i in range(n)])
     if stars is None:
-        size_deg = min(nx, ny) * PIXSCALE / 3600.0
-        ra, dec, mag = star_field(ra0, dec0, nstars, size_deg * 0.45, seed)
+        deg = PIXSCALE / 3600.0
+        ra, dec, mag = star_field(ra0, dec0, nstars, 0.45 * nx * deg, 0.43 * ny * deg, seed, mag_range)
     else:
         ra, dec, mag = stars
     if bright_star:  # one star that saturates its core
@@ -183,10 +188,14 @@ def make_frames(outdir: Path, *, n: int = 3, shape=(1000, 1400), ra0: float = 15
 
 
 def aperture_sums(image: np.ndarray, x: np.ndarray, y: np.ndarray, r: float, r_in: float, r_out: float,
-                  weight: np.ndarray | None = None):
-    """Background-corrected circular aperture sums (0-based centres), and, with a weight
-    map, the variance predicted from it (sum of 1/w in the aperture). Pixels are whole
-    (centre inside the radius)."""
+                  weight: np.ndarray):
+    """Circular aperture sums (0-based centres) minus the mean of an annulus, and the
+    variance predicted from the weight map for that difference:
+    ``sum_ap(1/w) + N_ap**2 * sum_ann(1/w) / N_ann**2``. Whole pixels (centre inside).
+
+    Returns (sums, predicted variances, ok) where ok says that no aperture pixel is masked
+    and most of the annulus is valid.
+    """
     half = int(np.ceil(r_out)) + 1
     sums, preds, ok = [], [], []
     ny, nx = image.shape
@@ -198,17 +207,24 @@ def aperture_sums(image: np.ndarray, x: np.ndarray, y: np.ndarray, r: float, r_i
             ok.append(False)
             continue
         sub = image[y0 - half:y0 + half + 1, x0 - half:x0 + half + 1]
+        wsub = weight[y0 - half:y0 + half + 1, x0 - half:x0 + half + 1]
         yy, xx = np.mgrid[y0 - half:y0 + half + 1, x0 - half:x0 + half + 1]
         rr = np.hypot(xx - xc, yy - yc)
         ap = rr <= r
         ann = (rr >= r_in) & (rr <= r_out)
-        good = True
-        if weight is not None:
-            wsub = weight[y0 - half:y0 + half + 1, x0 - half:x0 + half + 1]
-            good = bool(np.all(wsub[ap] > 0)) and np.sum(wsub[ann] > 0) > 0.8 * ann.sum()
-            ann = ann & (wsub > 0)
-            preds.append(float(np.sum(1.0 / wsub[ap])) if good else np.nan)
-        bkg = np.median(sub[ann]) if ann.any() else 0.0
-        sums.append(float(sub[ap].sum() - bkg * ap.sum()))
-        ok.append(good)
+        good = bool(np.all(wsub[ap] > 0)) and np.sum(wsub[ann] > 0) > 0.8 * ann.sum()
+        ann = ann & (wsub > 0)
+        if not good:
+            sums.append(np.nan)
+            preds.append(np.nan)
+            ok.append(False)
+            continue
+        vals = sub[ann]
+        chi = (vals - np.median(vals)) * np.sqrt(wsub[ann])
+        keep = np.abs(chi) < 5.0
+        n_ap, n_ann = ap.sum(), keep.sum()
+        bkg = vals[keep].mean()
+        sums.append(float(sub[ap].sum() - bkg * n_ap))
+        preds.append(float(np.sum(1.0 / wsub[ap]) + n_ap**2 * np.sum(1.0 / wsub[ann][keep]) / n_ann**2))
+        ok.append(True)
     return np.array(sums), np.array(preds), np.array(ok)

@@ -268,11 +268,11 @@ def make_stack(paths: Sequence[str | Path], dest: Path, grid: fits.Header, *, se
         weight_header = fits.Header()
         weight_header.extend(wcs_header.cards)
         weight_header["BUNIT"] = ("adu-2", "inverse variance in stack units^-2")
-        weight_header["STKIMG"] = (dest.name[:68], "image this weight map belongs to")
+        hdr.set_card(weight_header, "STKIMG", dest.name[:68], "image this weight map belongs to")
         stamp(weight_header, "stack", [i.weight_path for i in used], settings_for_hash, tools)
         mask_header = fits.Header()
         mask_header.extend(wcs_header.cards)
-        mask_header["STKIMG"] = (dest.name[:68], "image this mask belongs to")
+        hdr.set_card(mask_header, "STKIMG", dest.name[:68], "image this mask belongs to")
         for bit_name, value in mask_bits().items():
             mask_header[f"MASKB_{bit_name}"[:8]] = (value, f"mask bit {bit_name}")
         stamp(mask_header, "stack", [i.path for i in used], settings_for_hash, tools)

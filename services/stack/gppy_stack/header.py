@@ -97,7 +97,7 @@ def mean_local_time(values: Sequence[str | None]) -> str | None:
     if not stamps:
         return None
     t0 = stamps[0]
-    mean_offset = float(np.mean([(t - t0).total_seconds() for t in stamps]))
+    mean_offset = round(float(np.mean([(t - t0).total_seconds() for t in stamps])), 3)
     return (t0 + timedelta(seconds=mean_offset)).isoformat(timespec="milliseconds")
 
 

@@ -130,7 +130,8 @@ async def test_a_night_followed_to_its_end(settings):
     (scratch / "ldac").mkdir(parents=True)
     (scratch / "ldac" / "x.cat").write_text("scratch")
     try:
-        async with running_watcher(s, notifier=slack_for(stand_in)) as svc, Publisher(s) as pub:
+        async with running_watcher(s, notifier=slack_for(stand_in), recheck_interval_s=0.5) as svc, \
+                Publisher(s) as pub:
             ready = (await wait_for(lambda: readies(s, nid), 60, "the night to be queued"))[0]
             sim = SimNight.make(s, ready, {"A": [0, 1, 2], "B": [3]})
             f0, f1, f2, f3 = sim.frames
@@ -146,9 +147,14 @@ async def test_a_night_followed_to_its_end(settings):
             assert rec["state"] == "processing" and await dones(s, nid) == []
             await pub(sim.phot(sim.diff_path("A"), "difference"))
             done = (await wait_for(lambda: dones(s, nid), 60, "the night to end"))
+            write_raw(d, 4)  # a late frame lands in the processed night
+            changed = await wait_for(lambda: _changed(s, nid), 60, "the night to be flagged as changed")
             await svc.notifier.flush(10)
+            assert svc.ledger.cached(nid).state == "done" and len(await readies(s, nid)) == 1
     finally:
         stand_in.down()
+    assert changed["before"]["count"] == 4 and changed["now"]["count"] == 5
+    assert sum("files changed after the night was queued (4 files" in t for t in stand_in.texts()) == 1
     assert len(done) == 1 and done[0].status == "done"
     summary = json.loads(Path(done[0].summary_path).read_text())
     assert summary["status"] == "done" and summary["frames"]["planned"] == 4
@@ -178,6 +184,11 @@ async def test_a_night_followed_to_its_end(settings):
     finish = [t for t in texts if "Processing complete" in t]
     assert len(finish) == 1 and "3/4 frames, 2 stacks, 1 differences" in finish[0] and "mins" in finish[0]
     assert all(m["channel"] == "#pipeline" for m in stand_in.messages)
+
+
+async def _changed(s, nid):
+    rec = await ledger_record(s, nid)
+    return rec and rec.get("changed")
 
 
 async def _outstanding(s, nid, n):

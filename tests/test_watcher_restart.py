@@ -106,12 +106,18 @@ async def test_restart_mid_night_loses_nothing_and_queues_nothing_twice(settings
             done2 = await wait_for(lambda: dones(s, id2), 60, "night 2 to end")
             await wait_for(lambda: sum("Processing complete" in t for t in slack.texts()) >= 2, 30,
                            "the finish messages")
+            # an operator re-queues night 2 over the HTTP API: a new run, attempt 2
+            async with httpx.AsyncClient() as client:
+                r = await client.post(f"http://127.0.0.1:{watcher.port}/nights/{id2}/requeue",
+                                      json={"filters": ["m425"]}, timeout=10)
+            assert r.status_code == 200 and r.json()["state"] == "queued" and r.json()["run"] == 2
+            requeued = await wait_for(lambda: _n_readies(s, id2, 2), 30, "the re-queued night-ready event")
     finally:
         if watcher.proc and watcher.proc.poll() is None:
             watcher.kill(signal.SIGTERM)
         slack.down()
     assert [r.attempt for r in await readies(s, id1)] == [1]
-    assert [r.attempt for r in await readies(s, id2)] == [1]
+    assert [(r.attempt, r.filters) for r in requeued] == [(1, None), (2, ["m425"])]
     assert [d.status for d in done1] == ["done"] and [d.status for d in done2] == ["done"]
     rec2 = await ledger_record(s, id2)
     total = sum(p.stat().st_size for p in n2.iterdir())
@@ -130,6 +136,11 @@ async def test_restart_mid_night_loses_nothing_and_queues_nothing_twice(settings
 async def _progress(s, nid, stage, n):
     rec = await ledger_record(s, nid)
     return rec and rec["progress"].get(stage, {}).get("done") == n
+
+
+async def _n_readies(s, nid, n):
+    out = await readies(s, nid)
+    return out if len(out) >= n else None
 
 
 async def _state(s, nid, states):

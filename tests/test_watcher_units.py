@@ -159,3 +159,25 @@ def test_progress_restriction_night_failure_and_collapse_key(tmp_path):
     a = collapse_key("phot", "/data/x/calib_7DT01_T1_20250102_030000_m425_60.fits: 12 stars < 15")
     b = collapse_key("phot", "/data/y/calib_7DT01_T1_20250102_031000_m425_60.fits: 9 stars < 15")
     assert a == b and a != collapse_key("astrometry", "/data/x/a.fits: 12 stars < 15")
+
+
+def test_upstream_outcomes_are_not_reported_as_new_failures(tmp_path):
+    """The phot stage answers a 'no reference' difference with phot.done ok=False on the stack's
+    path, and the stack stage reports a visit none of whose frames came through: neither is a
+    failure of its own (no message), and neither leaves the night waiting."""
+    _, sim = _night(tmp_path, {"A": [0], "B": [1]})
+    prog = NightProgress(sim.ready.night_id, sim.ready.night_dir)
+    prog.apply(sim.plan())
+    fa, fb = sim.frames
+    for ev in [sim.calibrated(fa, write=False), sim.solved(fa), sim.phot(fa.calib, "single"),
+               sim.stacked("A", write=False), sim.phot(sim.stack_path("A"), "stack"), sim.differenced("A", ok=False)]:
+        assert prog.apply(ev) == []
+    no_ref = sim.phot(sim.stack_path("A"), "difference", ok=False, reason="no reference image for this field")
+    assert prog.apply(no_ref) == []
+    new = prog.apply(sim.solved(fb, ok=False, reason="no solution"))
+    assert [f["stage"] for f in new] == ["astrometry"]
+    assert prog.apply(sim.phot(fb.calib, "single", ok=False, reason="frame not solved: no solution")) == []
+    assert prog.apply(StageFailed(night_id=sim.ready.night_id, unit="7DT01", stage="stack", item_path="B",
+                                  reason="visit B: no frame of it was processed successfully")) == []
+    assert prog.complete() and prog.outcome() == ("done", "-")
+    assert prog.counts()["stack"] == {"done": 1, "failed": 1}

@@ -236,8 +236,9 @@ class NightProgress:
             if key is None:
                 key = path
                 self.diffs[key] = {"path": path, "ok": True, "phot": None, "fail": ""}
-            self.diffs[key]["phot"] = ok
-            if not ok:
+            d = self.diffs[key]
+            d["phot"] = ok
+            if not ok and d.get("ok") is not False and not d.get("fail"):  # not an upstream outcome
                 out.append(self._fail("phot", path, ev.reason or "photometry of the difference failed"))
         return out
 
@@ -269,7 +270,10 @@ class NightProgress:
             return [self._fail(stage, item, reason)]
         if item and item in {f["visit"] for f in self.frames.values()}:
             self.visit_fail.setdefault(item, text)
-            return [self._fail(stage, item, reason)]
+            rec = self._fail(stage, item, reason)
+            if not any(f["phot"] is True for f in self.frames.values() if f["visit"] == item):
+                return []  # a consequence of its frames' failures, already reported
+            return [rec]
         dkey = self._diff_key(item) if item else None
         if dkey is not None:
             self.diffs[dkey]["fail"] = self.diffs[dkey].get("fail") or text

@@ -43,6 +43,8 @@ DEFAULT_PATTERNS = {
     "survey": r"^20\d\d-\d\d-\d\d_gain2750$",
 }
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.fz")
+#: Nights are re-checked for changed files for this many days after they were processed.
+RECHECK_DAYS = 14
 
 
 @dataclass(frozen=True)
@@ -244,8 +246,7 @@ class Scanner:
                 rec = await self._register(cand)
             if rec.state in ("seen", "waiting"):
                 to_measure.append(cand)
-            elif rec.state in ("queued", "processing", "done", "failed") and recheck and rec.snapshot \
-                    and not rec.changed:
+            elif recheck and self._recheckable(rec):
                 terminal.append((cand, rec))
         if recheck:
             self._last_recheck = now
@@ -268,6 +269,12 @@ class Scanner:
             self._watch.pop(cand.night_id, None)
             await self.on_ready(cand, snap)
         return [c for c, _ in ready]
+
+    def _recheckable(self, rec: NightRecord) -> bool:
+        """Queued or processed by us, not flagged yet, and not older than ``RECHECK_DAYS``."""
+        if rec.state in ("seen", "waiting") or rec.source == "v1-log" or not rec.snapshot or rec.changed:
+            return False
+        return time.time() - (rec.finished_at or rec.queued_at or 0) < RECHECK_DAYS * 86400
 
     async def _register(self, cand: Candidate) -> NightRecord:
         if str(cand.night_dir) in self._v1_logged(cand.unit):

@@ -39,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="earlier nights (YYYY-MM-DD) whose masters go into the master archive")
     p.add_argument("--star-density", type=float, default=55000.0,
                    help="stars per square degree with 10 < G < 21.5 (default 55000)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes writing frames in parallel (the output does not depend on it)")
     p.add_argument("--quiet", action="store_true", help="do not list the files written")
     p.set_defaults(func=run)
     return p
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     path = simulate(Path(args.outdir), unit=args.unit, night=args.night, size=args.size, full=args.full,
                     targets=args.targets, filters=args.filters, seed=args.seed, calib=not args.no_calib,
                     transients=not args.no_transients, references=not args.no_references,
-                    archive_nights=args.archive_nights, star_density=args.star_density,
+                    archive_nights=args.archive_nights, star_density=args.star_density, workers=args.workers,
                     progress=None if args.quiet else print)
     print(f"simulated night written in {time.time() - t0:.1f} s; configuration: {path}")
     return 0

@@ -211,27 +211,31 @@ def read_out(det: Detector, exp: Exposure, rng: np.random.Generator, band_rows: 
     out = np.empty(det.shape, np.uint16)
     ph = det.physics
     flat = det.flat(exp.filt) if (exp.signal_adu is not None and exp.filt) else None
-    cr = None
-    if exp.cr_pix.size:
-        cr = np.bincount(exp.cr_pix, weights=exp.cr_e, minlength=nx * ny).reshape(det.shape)
+    order = np.argsort(exp.cr_pix, kind="stable")
+    cr_pix, cr_e = exp.cr_pix[order], exp.cr_e[order]
     noisy_cols = [b for b in det.bad_columns if b.kind == "noisy"] if ph.bad_columns else []
+    inv_gain = np.float32(1.0 / det.gain)
+    rn = np.float32(det.read_noise_adu)
     for r0 in range(0, ny, band_rows):
         r1 = min(ny, r0 + band_rows)
-        e = np.zeros((r1 - r0, nx), np.float64)
+        e = np.zeros((r1 - r0, nx), np.float32)
         if exp.signal_adu is not None:
-            e += exp.signal_adu[r0:r1] * flat[r0:r1] * det.gain
+            e += exp.signal_adu[r0:r1] * flat[r0:r1] * np.float32(det.gain)
         if ph.dark_current or ph.hot_pixels or ph.bad_columns:
-            e += det.dark[r0:r1] * exp.exptime
+            e += det.dark[r0:r1] * np.float32(exp.exptime)
         if ph.noise:
-            e = rng.poisson(np.maximum(e, 0.0)).astype(np.float64)
-        if cr is not None:
-            e += cr[r0:r1]
-        adu = e / det.gain + det.bias[r0:r1] + exp.bias_offset
+            e = rng.poisson(np.maximum(e, 0.0)).astype(np.float32)
+        lo, hi = np.searchsorted(cr_pix, [r0 * nx, r1 * nx])
+        if hi > lo:
+            np.add.at(e.reshape(-1), cr_pix[lo:hi] - r0 * nx, cr_e[lo:hi].astype(np.float32))
+        adu = e * inv_gain + det.bias[r0:r1] + np.float32(exp.bias_offset)
         if ph.noise:
-            adu += rng.normal(0.0, det.read_noise_adu, adu.shape)
+            adu += rng.standard_normal(adu.shape, dtype=np.float32) * rn
             for b in noisy_cols:
                 lo, hi = max(b.y0, r0), min(b.y1, r1)
                 if hi > lo:
-                    adu[lo - r0:hi - r0, b.x] += rng.normal(0.0, b.value, hi - lo)
-        out[r0:r1] = np.clip(np.rint(adu), 0, ADC_MAX).astype(np.uint16)
+                    adu[lo - r0:hi - r0, b.x] += rng.normal(0.0, b.value, hi - lo).astype(np.float32)
+        np.rint(adu, out=adu)
+        np.clip(adu, 0, ADC_MAX, out=adu)
+        out[r0:r1] = adu.astype(np.uint16)
     return out

@@ -77,7 +77,7 @@ def simulate(outdir: str | Path, unit: str = "7DT01", night: str = "2025-01-15",
              star_density: float = 55000.0, physics: Physics | None = None, references: bool = True,
              extras: bool = True, n_transients: int = 8, distortion_arcsec: float = 1.0,
              max_pointing_error_arcmin: float = 4.0, max_rotation_deg: float = 1.5,
-             trail_fraction: float = 0.15, cr_rate: float = 0.15,
+             trail_fraction: float = 0.15, cr_rate: float = 0.15, workers: int = 1,
              progress: Callable[[str], None] | None = None) -> Path:
     """Simulate one raw night of a 7DT unit with its reference data and truth.
 
@@ -115,6 +115,8 @@ def simulate(outdir: str | Path, unit: str = "7DT01", night: str = "2025-01-15",
         Radial distortion at the frame corners (arcsec).
     cr_rate : float
         Cosmic rays per megapixel per second.
+    workers : int
+        Processes writing frames in parallel (fork); the output does not depend on it.
 
     Returns
     -------
@@ -160,37 +162,27 @@ def simulate(outdir: str | Path, unit: str = "7DT01", night: str = "2025-01-15",
     tr_list = (_make_transients(plan, fields, truths, seed, n_transients, (nx, ny))
                if (transients and physics.transients) else [])
 
-    # raw frames
-    for spec in plan.frames:
-        t0 = time.time()
-        name = spec.filename(unit)
-        if spec.kind == "science":
-            raw, frame_truth, mask, stars = _science_frame(spec, truths[spec.index], fields[spec.target], det,
-                                                           tr_list, spec.index in trail_frames, seed, physics,
-                                                           cr_rate, unit)
-        else:
-            raw, frame_truth, mask = _calibration_frame(spec, det, seed, physics, cr_rate)
-            stars = None
-        hdr = raw_header(unit=unit, kind=spec.kind, obj=spec.obj, filt=spec.filt, exptime=spec.exptime,
-                         date_obs=spec.t_start,
-                         ra=truths[spec.index].header_ra if spec.kind == "science" else None,
-                         dec=truths[spec.index].header_dec if spec.kind == "science" else None,
-                         obj_ra=plan.targets[spec.target].ra if spec.kind == "science" else None,
-                         obj_dec=plan.targets[spec.target].dec if spec.kind == "science" else None,
-                         spelling=spec.spelling, seq=spec.index,
-                         ccd_temp=ins.CCD_TEMP + float(_rng(seed, 9, spec.index).normal(0, 0.05)))
-        fitsio.write_fits(night_dir / name, raw, hdr)
-        stem = naming.stem(name)
-        frame_truth["file"] = name
-        frame_truth["header_date_obs"] = spec.t_start.isot
-        fitsio.write_text(truth_dir / "frames" / f"{stem}.json", json.dumps(frame_truth, indent=1))
-        if mask is not None:
-            fitsio.write_fits(truth_dir / "frames" / f"{stem}.mask.fits", None, fits.Header(),
-                              extra_hdus=[fits.CompImageHDU(mask, compression_type="RICE_1", name="MASK")])
-        if stars is not None:
-            with fitsio.atomic_path(truth_dir / "frames" / f"{stem}.stars.csv") as tmp:
-                stars.write(tmp, format="ascii.csv", overwrite=True)
-        say(f"{name} ({time.time() - t0:.1f} s)")
+    # raw frames (independent random streams, so any order or process gives the same bytes)
+    global _JOB
+    _JOB = {"plan": plan, "truths": truths, "fields": fields, "det": det, "tr_list": tr_list,
+            "trail_frames": trail_frames, "seed": seed, "physics": physics, "cr_rate": cr_rate, "unit": unit,
+            "night_dir": night_dir, "truth_dir": truth_dir, "say": say}
+    if physics.dust:                      # build every flat once, before any fork
+        for f in filters:
+            det.flat(f)
+    indices = [spec.index for spec in plan.frames]
+    if workers > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(min(workers, len(indices))) as pool:
+            results = pool.map(_frame_job, indices, chunksize=1)
+    else:
+        results = [_frame_job(i) for i in indices]
+    _JOB = {}
+    by_id = {t["id"]: t for t in tr_list}
+    for rows in results:
+        for row in rows:
+            by_id[row["id"]]["frames"].append({k: v for k, v in row.items() if k != "id"})
 
     # calibration truth
     _write_calib_truth(truth_dir / "calib", det, filters)
@@ -255,7 +247,68 @@ def simulate(outdir: str | Path, unit: str = "7DT01", night: str = "2025-01-15",
     return path_json
 
 
+# ---------------------------------------------------------------------------------------- frames
+
+_JOB: dict = {}
+
+
+def _frame_job(index: int) -> list[dict]:
+    """Write raw frame ``index`` and its truth files; return its transient rows."""
+    c = _JOB
+    plan, seed, unit = c["plan"], c["seed"], c["unit"]
+    spec = plan.frames[index]
+    t0 = time.time()
+    name = spec.filename(unit)
+    rows: list[dict] = []
+    sci = spec.kind == "science"
+    if sci:
+        tr = c["truths"][spec.index]
+        raw, frame_truth, mask, stars = _science_frame(spec, tr, c["fields"][spec.target], c["det"], c["tr_list"],
+                                                       spec.index in c["trail_frames"], seed, c["physics"],
+                                                       c["cr_rate"], unit)
+        rows = frame_truth["transients"]
+    else:
+        raw, frame_truth, mask = _calibration_frame(spec, c["det"], seed, c["physics"], c["cr_rate"])
+        stars = None
+    tg = plan.targets[spec.target] if sci else None
+    hdr = raw_header(unit=unit, kind=spec.kind, obj=spec.obj, filt=spec.filt, exptime=spec.exptime,
+                     date_obs=spec.t_start, ra=tr.header_ra if sci else None, dec=tr.header_dec if sci else None,
+                     obj_ra=tg.ra if sci else None, obj_dec=tg.dec if sci else None,
+                     spelling=spec.spelling, seq=spec.index,
+                     ccd_temp=ins.CCD_TEMP + float(_rng(seed, 9, spec.index).normal(0, 0.05)))
+    fitsio.write_fits(c["night_dir"] / name, raw, hdr)
+    stem = naming.stem(name)
+    frames_dir = c["truth_dir"] / "frames"
+    frame_truth["file"] = name
+    frame_truth["header_date_obs"] = spec.t_start.isot
+    fitsio.write_text(frames_dir / f"{stem}.json", json.dumps(frame_truth, indent=1))
+    fitsio.write_fits(frames_dir / f"{stem}.mask.fits", None, fits.Header(),
+                      extra_hdus=[fits.CompImageHDU(mask, compression_type="RICE_1", name="MASK")])
+    if stars is not None:
+        write_csv(stars, frames_dir / f"{stem}.stars.csv")
+    c["say"](f"{name} ({time.time() - t0:.1f} s)")
+    return rows
+
+
 # ----------------------------------------------------------------------------------------- plan
+
+
+def write_csv(table: Table, dest: Path) -> Path:
+    """Write a table as CSV quickly (one format string per row), atomically."""
+    fmts = []
+    for name in table.colnames:
+        col = table[name]
+        fmt = col.info.format
+        if col.dtype.kind in "iub":
+            fmts.append("%d")
+        elif fmt:
+            fmts.append("%" + fmt.lstrip("{:").rstrip("}"))
+        else:
+            fmts.append("%.10g")
+    line = ",".join(fmts)
+    cols = [np.asarray(table[c]) for c in table.colnames]
+    body = "\n".join(line % row for row in zip(*cols, strict=True))
+    return fitsio.write_text(dest, ",".join(table.colnames) + "\n" + body + ("\n" if len(table) else ""))
 
 
 def _visit_conditions(plan: Plan, seed: int, ph: Physics, max_err_arcmin: float, max_rot: float,
@@ -478,8 +531,7 @@ def _science_frame(spec: FrameSpec, tr: FrameTruth, fld: StarField, det: Detecto
                "zp_adu": tr.zp,
                "snr_expected": _snr(f_tot * det.gain, float(tf.mean()), tr.psf.beta, _noise_e(tr, det)),
                "in_frame": bool(0 <= mx[0] <= nx - 1 and 0 <= my[0] <= ny - 1)}
-        t["frames"].append(row)
-        tr_rows.append(row)
+        tr_rows.append(row | {"id": t["id"]})
     # satellite trail
     mask = np.zeros((ny, nx), np.uint8)
     if trail:
@@ -545,8 +597,7 @@ def _science_frame(spec: FrameSpec, tr: FrameTruth, fld: StarField, det: Detecto
         "gain_e_per_adu": det.gain, "read_noise_adu": det.read_noise_adu, "read_noise_e": det.read_noise_e,
         "bias_offset_adu": tr.bias_offset, "n_cosmic_rays": n_cr, "trail": tr.trail,
         "n_stars_in_frame": int(sel.sum()), "n_saturated_stars": int(stars["saturated"].sum()),
-        "transients": [row | {"id": t["id"]} for t in transients for row in t["frames"]
-                       if row["file"] == spec.filename(unit)],
+        "transients": tr_rows,
         "mask_bits": {"cosmic_ray": MASK_CR, "trail": MASK_TRAIL, "saturated": MASK_SATURATED,
                       "bad_column": MASK_BADCOL, "hot_pixel": MASK_HOT},
     }

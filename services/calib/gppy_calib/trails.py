@@ -11,12 +11,14 @@ Steps, for a reduced frame, its background noise and the pixels already masked:
    ratio of the principal axes at least ``ELONGATION``).
 4. Hough transform of what is left (``NTHETA`` angles over 180 deg, 1-binned-px distance
    bins); the strongest line must collect at least ``MIN_LENGTH / BIN`` votes.
-5. Check the line on the full-resolution S/N image: the median S/N profile across the line
-   (along-line median at each perpendicular offset) must peak above ``PROFILE_SNR``
+5. Refine the line on the full-resolution S/N image (signal centroids across the line in
+   128-px pieces, fitted with a straight line), then check it: the median S/N profile across
+   the line (along-line median at each perpendicular offset) must peak above ``PROFILE_SNR``
    within ``SEARCH_HALF`` px; the mask half-width is the farthest offset from the peak where
-   the profile is still above ``EDGE_SNR``, plus ``MARGIN`` px. Along the line, 64-px pieces
-   whose mean S/N in that strip is significant (> 3 sigma) define the extent (the first to
-   the last such piece); the trail must be at least ``MIN_LENGTH`` px long.
+   the profile is still above ``min(EDGE_SNR, EDGE_FRACTION * peak)``, plus ``MARGIN`` px.
+   Along the line, 64-px pieces whose mean S/N in that strip is significant (> 3 sigma)
+   define the extent (the first to the last such piece); the trail must be at least
+   ``MIN_LENGTH`` px long.
 6. Mask the strip, remove its votes, and look for the next line (at most ``MAX_TRAILS``).
 """
 
@@ -37,7 +39,8 @@ MIN_LENGTH = 200.0
 SEARCH_HALF = 6.0
 PROFILE_SNR = 0.6
 EDGE_SNR = 1.0
-MARGIN = 1.5
+EDGE_FRACTION = 0.25
+MARGIN = 1.0
 MAX_TRAILS = 3
 STRIP_HALF = 25
 
@@ -153,16 +156,16 @@ def _strip(shape: tuple[int, int], theta: float, rho: float, half: float):
         xs = np.arange(nx, dtype=np.float64)
         yc = (rho - xs * c) / s
         span = int(np.ceil(half / abs(s))) + 1
-        offs = np.arange(-span, span + 1)
+        offs = np.arange(-span, span + 2)
         X = np.repeat(xs, offs.size)
-        Y = np.rint(np.repeat(yc, offs.size) + np.tile(offs, xs.size))
+        Y = np.repeat(np.floor(yc), offs.size) + np.tile(offs, xs.size)
     else:                          # closer to vertical: walk along y
         ys = np.arange(ny, dtype=np.float64)
         xc = (rho - ys * s) / c
         span = int(np.ceil(half / abs(c))) + 1
-        offs = np.arange(-span, span + 1)
+        offs = np.arange(-span, span + 2)
         Y = np.repeat(ys, offs.size)
-        X = np.rint(np.repeat(xc, offs.size) + np.tile(offs, ys.size))
+        X = np.repeat(np.floor(xc), offs.size) + np.tile(offs, ys.size)
     ok = (X >= 0) & (X < nx) & (Y >= 0) & (Y < ny)
     X, Y = X[ok].astype(np.int64), Y[ok].astype(np.int64)
     d = X * c + Y * s - rho
@@ -171,8 +174,39 @@ def _strip(shape: tuple[int, int], theta: float, rho: float, half: float):
     return Y[sel], X[sel], d[sel], t[sel]
 
 
+def _refine(snr: np.ndarray, theta: float, rho: float, iters: int = 2) -> tuple[float, float]:
+    """Sharpen a Hough line (binned, ~0.25 deg) on the full-resolution S/N image.
+
+    In 128-px pieces along the line, the signal-weighted centroid of the perpendicular offset
+    (within ``SEARCH_HALF + 2`` px) is measured; a straight-line fit ``d = a + b t`` of those
+    centroids gives the corrected line: ``theta' = theta - atan(b)``, ``rho' = (rho + a) cos(atan(b))``.
+    """
+    half = SEARCH_HALF + 2.0
+    for _ in range(iters):
+        ys, xs, d, t = _strip(snr.shape, theta, rho, half)
+        if ys.size < 50:
+            break
+        v = np.maximum(snr[ys, xs], 0.0)
+        piece = np.floor((t - t.min()) / 128.0).astype(np.int64)
+        n = int(piece.max()) + 1
+        sw = np.bincount(piece, weights=v, minlength=n)
+        swd = np.bincount(piece, weights=v * d, minlength=n)
+        cnt = np.bincount(piece, minlength=n)
+        swt = np.bincount(piece, weights=t, minlength=n)
+        ok = (cnt > 0) & (sw > 3.0 * np.sqrt(np.maximum(cnt, 1)))
+        if ok.sum() < 2:
+            break
+        tc = swt[ok] / cnt[ok]
+        dc = swd[ok] / sw[ok]
+        b, a = np.polyfit(tc, dc, 1, w=np.sqrt(sw[ok]))
+        delta = float(np.arctan(b))
+        theta, rho = theta - delta, (rho + float(a)) * float(np.cos(delta))
+    return theta, rho
+
+
 def _measure(snr: np.ndarray, theta: float, rho: float) -> Trail | None:
     """Confirm a Hough line on the full-resolution S/N image and measure its strip."""
+    theta, rho = _refine(snr, theta, rho)
     ys, xs, d, t = _strip(snr.shape, theta, rho, STRIP_HALF)
     if ys.size == 0:
         return None
@@ -198,12 +232,13 @@ def _measure(snr: np.ndarray, theta: float, rho: float) -> Trail | None:
     peak, centre = float(p[ipk]), int(offsets[ipk])
     if peak < PROFILE_SNR:
         return None
-    # half width: farthest contiguous offset from the peak still above EDGE_SNR
+    # half width: farthest contiguous offset from the peak still above the edge level
+    edge = min(EDGE_SNR, EDGE_FRACTION * peak)
     lo = ipk
-    while lo > 0 and p[lo - 1] > EDGE_SNR:
+    while lo > 0 and p[lo - 1] > edge:
         lo -= 1
     hi = ipk
-    while hi < p.size - 1 and p[hi + 1] > EDGE_SNR:
+    while hi < p.size - 1 and p[hi + 1] > edge:
         hi += 1
     half = max(centre - offsets[lo], offsets[hi] - centre) + MARGIN
     rho_c = rho + centre

@@ -52,8 +52,9 @@ def pixel_to_sky(x, y, crval, crpix, angle_deg, k3, q2, scale=PIXSCALE):
     dx, dy = distort(np.asarray(x, float) - crpix[0], np.asarray(y, float) - crpix[1], k3, q2)
     th = np.deg2rad(angle_deg)
     s = scale / 3600.0
-    # north up, east left, rotated by angle_deg
-    cd = s * np.array([[-np.cos(th), np.sin(th)], [np.sin(th), np.cos(th)]])
+    # north up, east left, rotated by angle_deg: CD = R(angle) diag(-s, s) (as gppy.sim;
+    # ROTANG1 = angle)
+    cd = s * np.array([[-np.cos(th), -np.sin(th)], [-np.sin(th), np.cos(th)]])
     w = WCS(naxis=2)
     w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
     w.wcs.crval = crval
@@ -193,3 +194,99 @@ def write_catalogue_csv(fld: Field, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fld.catalogue.write(path, format="ascii.csv", overwrite=True)
     return path
+
+
+# ----------------------------------------------------------------------------- simulator frames
+@dataclass
+class SimFrame:
+    path: Path
+    weight: Path
+    mask: Path
+    header: fits.Header
+    stars: Table          # truth: ra, dec (true, mid-exposure), x_0based, y_0based, flux_adu, snr
+    truth: dict           # truth/frames/<raw stem>.json
+    raw: Path
+
+
+def simulate_night(outdir: Path, seed: int = 5, size: tuple[int, int] = (1536, 1024),
+                   filters: tuple[str, ...] = ("m625",), max_pointing_error_arcmin: float = 4.0,
+                   max_rotation_deg: float = 1.5, distortion_arcsec: float = 1.0) -> Path:
+    """A small simulated night (one tile, one visit per filter), masters archived; path.json."""
+    from gppy.sim import simulate
+
+    return simulate(outdir, size=size, targets=1, filters=list(filters), calib=False, transients=False,
+                    references=True, extras=False, seed=seed,
+                    max_pointing_error_arcmin=max_pointing_error_arcmin, max_rotation_deg=max_rotation_deg,
+                    distortion_arcsec=distortion_arcsec)
+
+
+def calibrate_sim_frame(root: Path, raw: Path, processed: Path, unit: str = "7DT01") -> SimFrame:
+    """A calibrated frame as the calib stage would write it, from the simulator's *true* bias,
+    dark and flat: float32 ADU, inverse-variance weight, uint16 mask (gppy.masks bits from
+    the raw saturation and the simulator's cosmic-ray/trail/bad-pixel truth)."""
+    import json
+
+    from gppy.masks import MaskBit
+    from gppy.naming import ProductDirs, calib_name
+
+    tdir = root / "truth"
+    t = json.loads((tdir / "frames" / f"{raw.stem}.json").read_text())
+    with fits.open(raw) as h:
+        data = np.asarray(h[0].data, dtype=np.float64)
+        hdr = h[0].header.copy()
+    bias = fits.getdata(tdir / "calib" / "bias.fits").astype(np.float64) + t["bias_offset_adu"]
+    dark = fits.getdata(tdir / "calib" / "dark_current.fits").astype(np.float64) * hdr["EXPTIME"] / t["gain_e_per_adu"]
+    flat = fits.getdata(tdir / "calib" / f"flat_{hdr['FILTER'].strip()}.fits").astype(np.float64)
+    cal = ((data - bias - dark) / flat).astype(np.float32)
+    with fits.open(tdir / "frames" / f"{raw.stem}.mask.fits") as h:
+        tm = np.asarray(h[1].data)
+    mask = np.zeros(cal.shape, np.uint16)
+    mask[data >= 65535] |= np.uint16(MaskBit.SATURATED)
+    mask[(tm & 1) != 0] |= np.uint16(MaskBit.COSMIC_RAY)
+    mask[(tm & 2) != 0] |= np.uint16(MaskBit.TRAIL)
+    mask[(tm & 24) != 0] |= np.uint16(MaskBit.BAD)
+    g = t["gain_e_per_adu"]
+    rn = t["read_noise_e"]
+    var = (np.clip(cal * flat, 0, None) * g + rn ** 2) / g ** 2 / flat ** 2
+    weight = (1.0 / var).astype(np.float32)
+    weight[mask != 0] = 0
+    out_hdr = hdr.copy()
+    for k in ("BSCALE", "BZERO"):
+        out_hdr.remove(k, ignore_missing=True)
+    out_hdr["BITPIX"] = -32
+    out_hdr["SATURATE"] = (float((65535 - bias.max() - dark.max()) / flat.max()), "[ADU] calibrated")
+    out_hdr["EGAIN"] = (g, "e-/ADU")
+    obj, filt = hdr["OBJECT"].strip(), hdr["FILTER"].strip()
+    dirs = ProductDirs.of(processed, obj, unit, filt)
+    dirs.base.mkdir(parents=True, exist_ok=True)
+    path = dirs.base / calib_name(unit, obj, hdr["DATE-OBS"][:19], filt, hdr["EXPTIME"])
+    fits.PrimaryHDU(cal, out_hdr).writeto(path, overwrite=True)
+    wpath = path.with_name(path.name[:-5] + ".weight.fits")
+    mpath = path.with_name(path.name[:-5] + ".mask.fits")
+    fits.PrimaryHDU(weight).writeto(wpath, overwrite=True)
+    fits.PrimaryHDU(mask).writeto(mpath, overwrite=True)
+    stars = Table.read(tdir / "frames" / f"{raw.stem}.stars.csv", format="ascii.csv")
+    # expected S/N of each star in an optimal aperture: Moffat-ish effective area
+    # (1.5x a Gaussian's 4 pi sigma^2), sky and read noise at the frame's level
+    fwhm_px = np.asarray(stars["fwhm_arcsec"], float) / PIXSCALE
+    npix = 1.5 * 4 * np.pi * (fwhm_px / 2.3548) ** 2
+    f_e = np.asarray(stars["flux_adu"], float) * g
+    stars["snr"] = f_e / np.sqrt(f_e + npix * (t["sky_adu"] * g + rn ** 2))
+    return SimFrame(path=path, weight=wpath, mask=mpath, header=out_hdr, stars=stars, truth=t, raw=raw)
+
+
+def wcs_residuals(header: fits.Header, stars: Table, xcol: str = "x_0based", ycol: str = "y_0based"
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(dRA cos(dec), dDec) in arcsec between a WCS evaluated at the true pixel positions and
+    the true sky positions."""
+    import warnings
+
+    from astropy.wcs import FITSFixedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        w = WCS(header, relax=True)
+    ra, dec = w.all_pix2world(np.asarray(stars[xcol], float), np.asarray(stars[ycol], float), 0)
+    dra = ((ra - np.asarray(stars["ra"], float) + 180.0) % 360.0 - 180.0) * np.cos(np.deg2rad(dec)) * 3600.0
+    ddec = (dec - np.asarray(stars["dec"], float)) * 3600.0
+    return dra, ddec

@@ -39,6 +39,8 @@ DEFAULT_PM_ERROR_MASYR = 0.5
 MISSING_PM_ERROR_MASYR = 10.0
 
 _MAS_TO_DEG = 1.0 / 3.6e6
+#: ``ORIGIN`` of the primary header of the FITS_LDAC references this module writes.
+REFERENCE_ORIGIN = "gppy.refcat"
 
 
 def gaiaxp_path(path_refcat: str | Path, obj: str) -> Path:
@@ -220,7 +222,8 @@ def write_scamp_reference(table: Table, obstime: Time, path: str | Path,
     Columns (SCAMP's default local-reference keys): ``X_WORLD``, ``Y_WORLD`` (deg, ICRS,
     propagated to ``obstime``), ``ERRA_WORLD``, ``ERRB_WORLD`` (deg), ``ERRTHETA_WORLD``,
     ``MAG``, ``MAGERR`` (mag), ``OBSDATE`` (Julian year of ``obstime``: the epoch the
-    positions refer to) and ``FLAGS`` (0). No proper-motion columns are written, since the
+    positions refer to) and ``FLAGS`` (0); the primary header has ``ORIGIN`` =
+    :data:`REFERENCE_ORIGIN` and ``REFEPOCH`` (Julian year). No proper-motion columns are written, since the
     positions are already at the epoch. Rows without a finite magnitude get 99 (SCAMP only
     uses the magnitude to order and limit stars). Written atomically.
 
@@ -276,11 +279,13 @@ def write_scamp_reference(table: Table, obstime: Time, path: str | Path,
     imhead["NAXIS"] = 0
     imhead["RADESYS"] = "ICRS"
     imhead["EQUINOX"] = 2000.0
-    imhead["EPOCH"] = (epoch, "Julian year of the positions")
+    imhead["REFEPOCH"] = (epoch, "Julian year of the positions")
     imhead["REFSRC"] = (Path(str(src)).name[:60], "source catalogue")
     imhead["NSTARS"] = (n, "number of reference stars")
     primary = fits.PrimaryHDU()
-    primary.header["ORIGIN"] = "gppy.refcat"
+    primary.header["ORIGIN"] = (REFERENCE_ORIGIN, "written by gppy.refcat.write_scamp_reference")
+    primary.header["REFEPOCH"] = (epoch, "Julian year the positions are propagated to")
+    primary.header["NSTARS"] = (n, "number of reference stars")
     hdul = fits.HDUList([primary, _ldac_imhead(imhead), objects])
     with atomic_path(path) as tmp:
         hdul.writeto(tmp, overwrite=True)

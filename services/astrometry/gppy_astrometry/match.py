@@ -198,21 +198,22 @@ def coarse_match(x: np.ndarray, y: np.ndarray, flux: np.ndarray, ref_ra: np.ndar
     edges = np.arange(-reach - bin_arcsec, reach + bin_arcsec * 1.0001, bin_arcsec)
     nb = len(edges) - 1
     best = (-1.0, 0.0, 0.0, 0.0, 0.0)  # significance, angle, dx, dy, count
+    lo = -reach - bin_arcsec
     for ang in angles:
         rd = det_b @ _rot(ang).T
-        dx = (ref_b[:, None, 0] - rd[None, :, 0]).ravel()
-        dy = (ref_b[:, None, 1] - rd[None, :, 1]).ravel()
-        sel = (np.abs(dx) <= reach + bin_arcsec) & (np.abs(dy) <= reach + bin_arcsec)
-        hist, _, _ = np.histogram2d(dx[sel], dy[sel], bins=[edges, edges])
+        ix = np.floor((ref_b[:, None, 0] - rd[None, :, 0] - lo) / bin_arcsec).astype(np.int64).ravel()
+        iy = np.floor((ref_b[:, None, 1] - rd[None, :, 1] - lo) / bin_arcsec).astype(np.int64).ravel()
+        sel = (ix >= 0) & (ix < nb) & (iy >= 0) & (iy < nb)
+        hist = np.bincount(ix[sel] * nb + iy[sel], minlength=nb * nb).reshape(nb, nb)
         # 2x2 box sum: a peak split over neighbouring bins still counts fully
         box = hist[:-1, :-1] + hist[1:, :-1] + hist[:-1, 1:] + hist[1:, 1:]
         k = int(np.argmax(box))
         i, j = divmod(k, box.shape[1])
-        peak = box[i, j]
+        peak = float(box[i, j])
         bg = max(4.0 * sel.sum() / (nb * nb), 0.25)
         sig = (peak - bg) / math.sqrt(bg)
         if sig > best[0]:
-            best = (sig, float(ang), float(edges[i + 1]), float(edges[j + 1]), float(peak))
+            best = (sig, float(ang), float(edges[i + 1]), float(edges[j + 1]), peak)
     sig, ang, dx0, dy0, count = best
     if sig < min_significance or count < min_pairs:
         raise NoMatchError(f"no match with the reference catalogue: best vote peak {count:.0f} pairs, "

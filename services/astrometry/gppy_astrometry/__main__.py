@@ -1,0 +1,5 @@
+"""python -m gppy_astrometry"""
+
+from gppy_astrometry.service import main
+
+main()

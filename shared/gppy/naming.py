@@ -136,7 +136,16 @@ def scratch_dir(scratch_root: Path, unit: str, night_dir: str | Path) -> Path:
 
 def night_id(unit: str, night_dir: str | Path) -> str:
     """Canonical night key ``<UNIT>_<night folder name>`` (e.g. ``7DT07_2024-04-23_gain2750``)."""
-    return f"{sanitize(unit, 'UNIT')}_{sanitize(Path(night_dir).name, 'night')}"
+    folder = re.sub(r"[^A-Za-z0-9\-_]", "-", Path(night_dir).name).lstrip("-.")
+    if not folder:
+        raise ValueError(f"night folder {night_dir!r} has no usable name")
+    return f"{sanitize(unit, 'UNIT')}_{folder[:80]}"
+
+
+def night_folder(night_id: str, unit: str) -> str:
+    """The night folder name inside a night id (inverse of :func:`night_id`)."""
+    prefix = f"{sanitize(unit, 'UNIT')}_"
+    return night_id[len(prefix):] if night_id.startswith(prefix) else night_id
 
 
 def phot_catalogue(image: Path, dirs: ProductDirs) -> Path:

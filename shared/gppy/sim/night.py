@@ -698,10 +698,14 @@ def _write_references(out: Path, base: Path, plan: Plan, fields: list[StarField]
                            float(r.uniform(4.0, 6.0) if sharp else r.uniform(2.3, 2.8)), 0.05,
                            float(r.uniform(0, 0.04)), float(r.uniform(0, 180)), 0.02)
             scale = 0.25
-            rw = int(math.ceil(stack_size[0] * ins.PIXEL_SCALE / scale * 1.12))
-            rh = int(math.ceil(stack_size[1] * ins.PIXEL_SCALE / scale * 1.12))
             rot = float(r.uniform(3.0, 12.0) * r.choice([-1, 1]))
-            cra, cdec = offset_radec(tg.ra, tg.dec, *r.uniform(-20, 20, 2))
+            shift = r.uniform(-20, 20, 2)                       # arcsec, centre offset from the tile
+            c, sn = abs(math.cos(math.radians(rot))), abs(math.sin(math.radians(rot)))
+            sw, sh = stack_size[0] * ins.PIXEL_SCALE, stack_size[1] * ins.PIXEL_SCALE
+            # the rotated footprint of the stack, the centre offset, and a 4 % margin
+            rw = int(math.ceil(((sw * c + sh * sn) * 1.04 + 2 * np.hypot(*shift)) / scale))
+            rh = int(math.ceil(((sh * c + sw * sn) * 1.04 + 2 * np.hypot(*shift)) / scale))
+            cra, cdec = offset_radec(tg.ra, tg.dec, *shift)
             wcs = _W(cra, cdec, ((rw + 1) / 2.0, (rh + 1) / 2.0), rot, scale)
             extra = [(fr, fd, fm[filt]) for fr, fd, fm in fading if filt in fm]
             data, weight, rinfo = reference_image(fields[k], wcs, (rw, rh), filt, 2013.0, psf,

@@ -113,7 +113,7 @@ def make_field(seed: int = 1, size: tuple[int, int] = (1536, 1024), nstars: int 
     pmdec = rng.normal(0, 8.0, nstars) * pm_scale
     parallax = np.abs(rng.normal(0.5, 0.5, nstars))
     # a few rows with missing proper motion / parallax and negative parallax
-    bad = rng.choice(nstars, 12, replace=False)
+    bad = rng.choice(nstars, min(12, nstars), replace=False)
     pmra[bad[:4]] = np.nan
     pmdec[bad[:4]] = np.nan
     parallax[bad[4:8]] = np.nan

@@ -117,8 +117,8 @@ def _nearest(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def coarse_match(x: np.ndarray, y: np.ndarray, flux: np.ndarray, ref_ra: np.ndarray, ref_dec: np.ndarray,
                  ref_mag: np.ndarray, ra0: float, dec0: float, nx: int, ny: int, pixscale_arcsec: float,
                  max_offset_arcmin: float = 6.0, max_rotation_deg: float = 3.0, n_bright: int = 150,
-                 bin_arcsec: float = 6.0, min_significance: float = 8.0, min_pairs: int = 6
-                 ) -> CoarseMatch:
+                 bin_arcsec: float = 6.0, min_significance: float = 8.0, min_pairs: int = 6,
+                 min_fraction: float = 0.1) -> CoarseMatch:
     """Find the linear WCS that maps detections onto reference stars.
 
     Parameters
@@ -150,6 +150,9 @@ def coarse_match(x: np.ndarray, y: np.ndarray, flux: np.ndarray, ref_ra: np.ndar
         Minimum height of the vote peak over the background (standard deviations).
     min_pairs : int
         Minimum number of votes in the peak.
+    min_fraction : float
+        Minimum fraction of the stars expected in common (the smaller of the number of
+        detections and of reference stars on the solved footprint) that the final fit pairs.
 
     Returns
     -------
@@ -210,7 +213,12 @@ def coarse_match(x: np.ndarray, y: np.ndarray, flux: np.ndarray, ref_ra: np.ndar
         k = int(np.argmax(box))
         i, j = divmod(k, box.shape[1])
         peak = float(box[i, j])
-        bg = max(4.0 * sel.sum() / (nb * nb), 0.25)
+        # background around the peak (pair offsets are not uniform over the search area)
+        win = box[max(i - 6, 0):i + 7, max(j - 6, 0):j + 7].astype(float)
+        core = box[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2]
+        n_ring = win.size - core.size
+        local = (win.sum() - core.sum()) / n_ring if n_ring > 0 else 0.0
+        bg = max(local, 4.0 * sel.sum() / (nb * nb), 0.25)
         sig = (peak - bg) / math.sqrt(bg)
         if sig > best[0]:
             best = (sig, float(ang), float(edges[i + 1]), float(edges[j + 1]), peak)
@@ -243,6 +251,13 @@ def coarse_match(x: np.ndarray, y: np.ndarray, flux: np.ndarray, ref_ra: np.ndar
                 break
             src, dst = src[keep], dst[keep]
     nmatch = len(src)
+    # a true match pairs a good part of the stars the frame and the reference have in common
+    inside = ((np.abs(ref_all[:, 0] - affine[0, 2]) < half_w) & (np.abs(ref_all[:, 1] - affine[1, 2]) < half_h))
+    expected = min(len(det), int(inside.sum()))
+    if nmatch < max(min_pairs, min_fraction * expected):
+        raise NoMatchError(f"no match with the reference catalogue: only {nmatch} of {expected} stars paired "
+                           f"after the alignment (best vote peak {count:.0f} pairs, {sig:.1f} sigma); "
+                           f"wrong field, or pointing off by more than {max_offset_arcmin:g}'")
 
     # affine (east, north) = M @ det + t, det = diag(-s, s) @ (p - c)  =>  CD = M @ diag(-s, s) / 3600
     m = affine[:, :2]

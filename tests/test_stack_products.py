@@ -26,7 +26,7 @@ from gppy_stack.coadd import make_stack
 from gppy_stack.grid import grid_header
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest_stack import aperture_sums, make_frames  # noqa: E402
+from conftest_stack import aperture_sums, clean_stars, make_frames  # noqa: E402
 
 GRID = (1500, 1100)
 SHAPE = (1000, 1400)
@@ -71,21 +71,6 @@ def empty_positions(img, x, y, step=14, clearance=30):
     gx, gy = gx.ravel(), gy.ravel()
     far = np.min(np.hypot(gx[:, None] - x[None, :], gy[:, None] - y[None, :]), axis=1) > clearance
     return gx[far], gy[far]
-
-
-def clean_stars(mask, weight, x, y, r=32):
-    """Stars whose surroundings every input covers: no SATURATED pixel within 12 px and a
-    stack weight uniform to 1 % within ``r`` px. Where an input is masked (a bad column, a
-    cosmic ray, a saturated core) the weighted mean takes that spot from the other inputs,
-    whose seeing differs, so a star there is measured on a locally different PSF: the
-    weight map shows it (reduced weight), and it is not a test of the flux scale."""
-    out = []
-    for a, b in zip(x, y, strict=True):
-        i, j = int(round(b)), int(round(a))
-        sat = np.any(mask[max(i - 12, 0):i + 13, max(j - 12, 0):j + 13] & MaskBit.SATURATED)
-        ws = weight[max(i - r, 0):i + r + 1, max(j - r, 0):j + r + 1]
-        out.append(bool(not sat and ws.size and ws.min() > 0.99 * ws.max()))
-    return np.array(out)
 
 
 def test_products_are_named_after_the_stack_and_on_the_grid(visit3):

@@ -10,6 +10,7 @@ and ``<stem>.com.mask.fits`` (uint16 :class:`gppy.masks.MaskBit`) in the same fo
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 from collections.abc import Sequence
@@ -136,15 +137,22 @@ def inspect_input(path: str | Path, default_saturate: float = 60000.0) -> StackI
                       sky=float(np.median(d[good])), typical_weight=float(np.median(w[good])))
 
 
-def _consistent_weight(inp: StackInput, workdir: Path) -> tuple[Path, np.ndarray | None]:
-    """The weight map to give SWarp, zero wherever the mask is set; and the mask.
+def _link(target: Path, link: Path) -> Path:
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(Path(target).resolve())
+    return link
+
+
+def _consistent_weight(inp: StackInput, dest: Path) -> tuple[Path, np.ndarray | None]:
+    """The weight map to give SWarp (at ``dest``), zero wherever the mask is set; and the mask.
 
     The calibration stage's contract is that weights are already 0 where the mask is set;
     if an input breaks it, a corrected copy is written into the scratch folder (the input
-    itself is never modified).
+    itself is never modified). Otherwise ``dest`` is a link to the input's weight map.
     """
     if inp.mask_path is None:
-        return inp.weight_path, None
+        return _link(inp.weight_path, dest), None
     with fits.open(inp.mask_path, memmap=False) as mh:
         mask = np.asarray(mh[0].data).astype(np.uint16, copy=False)
     with fits.open(inp.weight_path, memmap=True) as wh:
@@ -153,11 +161,12 @@ def _consistent_weight(inp: StackInput, workdir: Path) -> tuple[Path, np.ndarray
             raise BadInputError(inp.mask_path, f"mask shape {mask.shape} differs from the weight's {weight.shape}")
         masked = mask != 0
         if not np.any(weight[masked] > 0):
-            return inp.weight_path, mask
+            return _link(inp.weight_path, dest), mask
         fixed = np.array(weight, dtype=np.float32)
     fixed[masked] = 0.0
     log.warning("%s: weight map not zero where masked; using a corrected copy", inp.path.name)
-    dest = workdir / f"{inp.path.name.removesuffix('.fits')}.maskedweight.fits"
+    if dest.is_symlink():
+        dest.unlink()
     write_fits(dest, fixed)
     return dest, mask
 
@@ -218,21 +227,26 @@ def make_stack(paths: Sequence[str | Path], dest: Path, grid: fits.Header, *, se
     if name_for is not None:
         dest = Path(dest).parent / name_for(stats)
     dest = Path(dest)
-    stem = dest.name.removesuffix(".fits")
-    run_dir = workdir / stem
+    # short names: SWarp aborts on long paths (see swarp.run_swarp)
+    run_dir = workdir / hashlib.sha256(str(dest).encode()).hexdigest()[:12]
+    shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        weights = []
+        links, weights = [], []
         masks: list[np.ndarray | None] = []
-        for inp in used:
-            wpath, mask = _consistent_weight(inp, run_dir)
+        for k, inp in enumerate(used):
+            links.append(_link(inp.path, run_dir / f"i{k}.fits"))
+            wpath, mask = _consistent_weight(inp, run_dir / f"i{k}.weight.fits")
             weights.append(wpath)
             masks.append(mask)
-        tmp_image = run_dir / f"{stem}.fits"
-        tmp_weight = run_dir / f"{stem}.weight.fits"
-        run_swarp([i.path for i in used], weights, grid=grid, imageout=tmp_image, weightout=tmp_weight,
-                  workdir=run_dir, fscales=factors, gains=[i.egain for i in used],
-                  saturates=[i.saturate for i in used], options=options)
+        tmp_image = run_dir / "o.fits"
+        tmp_weight = run_dir / "o.weight.fits"
+        try:
+            run_swarp(links, weights, grid=grid, imageout=tmp_image, weightout=tmp_weight,
+                      workdir=run_dir, fscales=factors, gains=[i.egain for i in used],
+                      saturates=[i.saturate for i in used], options=options)
+        except ValueError as exc:
+            raise PermanentError(f"scratch folder {workdir}: {exc}") from exc
         with fits.open(tmp_image, memmap=False) as ih:
             image = np.asarray(ih[0].data, dtype=np.float32)
             swarp_header = ih[0].header.copy()

@@ -34,6 +34,8 @@ from astropy.io import fits
 from gppy.fitsio import write_text
 from gppy.tools import run_tool
 
+#: Longest file name SWarp 2.41 handles safely (it aborts above about 255 characters).
+MAX_PATH = 240
 #: A keyword the inputs never carry: switches off header flux scales (SCAMP's FLXSCALE).
 NO_FSCALE_KEYWORD = "GPNOFSCL"
 
@@ -155,15 +157,19 @@ def run_swarp(inputs: Sequence[Path], weights: Sequence[Path], *, grid: fits.Hea
               saturates: Sequence[float], options: SwarpOptions | None = None) -> str:
     """Write the run's configuration and grid header into ``workdir`` and run SWarp.
 
+    SWarp 2.41 aborts ("buffer overflow") on file names longer than about 255 characters;
+    callers keep ``workdir`` short and pass short (symbolic-link) names for the inputs.
     Returns SWarp's log (stderr). Raises :class:`gppy.tools.ToolError` when SWarp fails.
     """
     options = options or SwarpOptions()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    stem = Path(imageout).name.removesuffix(".fits")
-    config_path = workdir / f"{stem}.swarp"
-    header_path = workdir / f"{stem}.grid.head"
-    resample_dir = workdir / f"{stem}.resamp"
+    config_path = workdir / "s.swarp"
+    header_path = workdir / "g.head"
+    resample_dir = workdir / "r"
+    longest = max(len(str(p)) for p in [*inputs, *weights, imageout, weightout, resample_dir / "x.resamp.weight.fits"])
+    if longest > MAX_PATH:
+        raise ValueError(f"SWarp cannot handle file names of {longest} characters (limit {MAX_PATH})")
     resample_dir.mkdir(parents=True, exist_ok=True)
     write_text(header_path, header_text(grid))
     config = swarp_config(imageout=imageout, weightout=weightout, headerout=header_path, weights=weights,

@@ -22,7 +22,7 @@ from scipy.optimize import least_squares
 
 from gppy import naming, refcat
 from gppy.config import PathConfig, load_settings
-from gppy.sim import simulate
+from gppy.sim import SimTruth, simulate
 from gppy.tables import apply_changehdr, load_changehdr
 from gppy.tools import run_tool
 
@@ -231,6 +231,8 @@ def test_truth_wcs_is_consistent_with_star_positions(night):
     ra, dec = w.all_pix2world(stars["x_1based"], stars["y_1based"], 1)
     sep = np.hypot((ra - stars["ra"]) * np.cos(np.deg2rad(stars["dec"])), dec - stars["dec"]) * 3600
     assert sep.max() < 1e-3
+    ra2, dec2 = SimTruth(night.root).wcs(name).all_pix2world(stars["x_0based"], stars["y_0based"], 0)
+    assert np.allclose(ra2, ra, atol=1e-10) and np.allclose(dec2, dec, atol=1e-10)
     # distortion matters: an affine fit leaves several tenths of an arcsec at the corners
     x, y = stars["x_0based"], stars["y_0based"]
     xi = (ra - t["crval"][0]) * np.cos(np.deg2rad(t["crval"][1])) * 3600
@@ -536,8 +538,9 @@ def test_reference_images(night):
         neg = data[data < 0]
         rms = np.sqrt(np.mean(neg ** 2))
         assert 0.85 < rms / hdr["SKYSIG"] < 1.02, (path.name, rms / hdr["SKYSIG"])
-    with fits.open(sevendt) as h:
+    with fits.open(sevendt) as h, fits.open(naming.weight_of(sevendt)) as wh:
         hdr = h[0].header
+        assert np.allclose(wh[0].data[h[0].data != 0], 1.0 / hdr["SKYSIG"] ** 2, rtol=1e-5)
         assert (hdr["NAXIS1"], hdr["NAXIS2"]) == tuple(night.truth["stack_size"])
         assert abs(hdr["CRVAL1"] - night.truth["targets"][0]["ra"]) < 1e-9
         assert abs(hdr["CD1_2"]) < 1e-12

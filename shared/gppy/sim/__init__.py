@@ -5,5 +5,6 @@ See ``README.md`` in this folder for the layout of a simulated night and every t
 
 from gppy.sim.detector import Physics
 from gppy.sim.night import simulate, write_master_archive
+from gppy.sim.truth import SimTruth
 
-__all__ = ["Physics", "simulate", "write_master_archive"]
+__all__ = ["Physics", "SimTruth", "simulate", "write_master_archive"]

@@ -807,12 +807,14 @@ def write_master_archive(mframe: Path, unit: str, det: Detector, nights: Sequenc
 def _write_skygrid(dest: Path, plan: Plan, seed: int) -> None:
     """A sky grid in the 7DS format holding the simulated tiles (and their neighbours)."""
     ids, ras, decs, names = [], [], [], []
-    for tg in plan.targets:
-        if not tg.is_tile:
-            continue
-        for di, (dra, ddec) in enumerate([(0, 0), (-1.3, 0), (1.3, 0), (0, -0.86), (0, 0.86)]):
-            tid = tg.tile_id + [0, -1, 1, -100, 100][di]
-            if tid in ids or not 0 <= tid <= 99999:
+    tiles = [tg for tg in plan.targets if tg.is_tile]
+    steps = [(0, 0, 0)] + [(d, dra, ddec) for d, dra, ddec in ((-1, -1.3, 0), (1, 1.3, 0), (-100, 0, -0.86),
+                                                                (100, 0, 0.86))]
+    taken = {tg.tile_id for tg in tiles}
+    for tg in tiles:
+        for did, dra, ddec in steps:
+            tid = tg.tile_id + did
+            if (did and tid in taken) or tid in ids or not 0 <= tid <= 99999:
                 continue
             ra = (tg.ra + dra / math.cos(math.radians(tg.dec))) % 360.0
             ids.append(tid)

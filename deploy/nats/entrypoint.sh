@@ -19,4 +19,15 @@ export NATS_PASSWORD
 export NATS_USER="${GPPY_NATS_USER:-gppy}"
 export NATS_SERVER_NAME="${NATS_SERVER_NAME:-$(hostname)}"
 export NATS_MAX_FILE_STORE="${NATS_MAX_FILE_STORE:-20GB}"
+# Cluster nodes (deploy/nats/cluster.conf): GPPY_NATS_ROUTES=host:port,host:port becomes the
+# route list with the route user's credentials, in the server's environment only.
+if [ -n "${GPPY_NATS_ROUTES:-}" ]; then
+  routes=""
+  IFS=',' read -ra hosts <<< "$GPPY_NATS_ROUTES"
+  for h in "${hosts[@]}"; do
+    h="${h// /}"
+    [ -n "$h" ] && routes="${routes:+$routes, }nats://route:${NATS_PASSWORD}@${h#nats://}"
+  done
+  export NATS_ROUTES="[$routes]"
+fi
 exec nats-server -c "${GPPY_NATS_CONF:-/etc/gppy/nats.conf}" "$@"

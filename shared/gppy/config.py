@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,6 +31,14 @@ class PathConfig(BaseModel):
     path_mframe: Path | None = None
     path_scratch: Path | None = None
     skygrid: Path | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _blank_is_default(cls, value):
+        """v1: a blank value means "use the default" (not the current directory)."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> PathConfig:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,7 @@ from astropy.time import Time
 
 from gppy import provenance
 from gppy.config import PathConfig, Settings
-from gppy.fitsio import BadInputError, read_header, write_fits
+from gppy.fitsio import BadInputError, atomic_path, read_header
 from gppy.messages import Event, FrameCalibrated, FrameSolved
 from gppy.naming import scratch_dir, stem
 from gppy.provenance import tool_version
@@ -46,6 +48,25 @@ class FrameResult:
     timings: dict = field(default_factory=dict)
 
 
+def replace_primary_header(path: Path, header: fits.Header) -> None:
+    """Write ``header`` as the primary header of ``path`` (atomic replace), copying the data
+    unit and any extensions byte for byte - what MissFITS does, without decoding the pixels.
+
+    The structural keywords (BITPIX, NAXISn, BZERO/BSCALE) must be those of the file.
+    """
+    with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+        old = hdul[0].header
+        for key in ("BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "BZERO", "BSCALE"):
+            if old.get(key) != header.get(key):
+                raise ValueError(f"{path.name}: header update would change {key}")
+        data_start = int(hdul[0].fileinfo()["datLoc"])
+    block = header.tostring(padding=True).encode("ascii")
+    with atomic_path(path) as tmp, open(path, "rb") as src, open(tmp, "wb") as dst:
+        dst.write(block)
+        src.seek(data_start)
+        shutil.copyfileobj(src, dst, length=16 * 1024 * 1024)
+
+
 def night_folder(night_id: str, unit: str) -> str:
     """The night folder name from a night id ``<UNIT>_<folder>``."""
     prefix = f"{unit}_"
@@ -58,7 +79,8 @@ def options_from(settings: Settings, matcher: str = "own", distort_degree: int =
                         max_rotation_deg=settings.scamp_posangle_maxerr_deg,
                         min_stars=settings.astrometry_min_stars,
                         max_rms_arcsec=settings.astrometry_max_rms_arcsec,
-                        distort_degree=distort_degree, matcher=matcher)
+                        distort_degree=distort_degree, matcher=matcher,
+                        nthreads=max(1, (os.cpu_count() or 1) // max(1, settings.concurrency)))
 
 
 def _pointing(header: fits.Header, path: Path) -> tuple[float, float]:
@@ -99,14 +121,11 @@ def process_frame(image: str | Path, weight: str | Path, mask: str | Path, obj: 
         sol = solve_frame(image, weight, mask, ref.path, workdir, pointing, (nx, ny), options,
                           ref_positions=(ref.ra, ref.dec, ref.mag))
         t0 = time.perf_counter()
-        with fits.open(image, memmap=False) as hdul:
-            data = hdul[0].data
-            old = hdul[0].header.copy()
-        new = apply_solution(old, solution_header(sol.head, nx, ny, sol.quality))
+        new = apply_solution(header, solution_header(sol.head, nx, ny, sol.quality))
         provenance.stamp(new, "astrometry", settings=settings_record or {})
         new["ASTTOOL1"] = (f"source-extractor {tool_version('source-extractor')}"[:50], "astrometry tool")
         new["ASTTOOL2"] = (f"scamp {tool_version('scamp')}"[:50], "astrometry tool")
-        write_fits(image, data, new)
+        replace_primary_header(image, new)
         sol.timings["header"] = time.perf_counter() - t0
         sol.timings["total"] = time.perf_counter() - t_start
         rms = max(float(sol.quality["rms1"]), float(sol.quality["rms2"]))

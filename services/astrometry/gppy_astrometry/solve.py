@@ -33,6 +33,12 @@ SEX_CONV = CONFIG_DIR / "gppy.conv"
 SEX_NNW = CONFIG_DIR / "gppy.nnw"
 SCAMP_CONFIG = CONFIG_DIR / "gppy.scamp"
 
+#: The mask bits that matter in IMAFLAGS_ISO. The calib stage writes uint16 masks, which
+#: FITS stores as int16 with BZERO = 32768; Source Extractor reads a FLAG_IMAGE without
+#: applying BZERO, so bit 15 is set everywhere and the lower 15 bits are the true mask bits
+#: (all of gppy.masks.MaskBit). SCAMP's IMAFLAGS masks (gppy.scamp) ignore bit 15 as well.
+FLAG_BITS = 0x7FFF
+
 
 @dataclass
 class SolveOptions:
@@ -102,22 +108,6 @@ def strip_ldac_wcs(catalogue: Path) -> int:
     return n
 
 
-def flag_map_for_sextractor(mask: Path, dest: Path) -> Path:
-    """The bit mask as a plain int16 image (no BZERO) for Source Extractor's FLAG_IMAGE.
-
-    The calib stage writes uint16 masks, which FITS stores as int16 with BZERO = 32768;
-    Source Extractor reads flag images without applying BZERO, so every pixel would carry
-    bit 15. The mask bits in use (gppy.masks) all fit in 15 bits.
-    """
-    with fits.open(mask, memmap=False) as hdul:
-        data = np.asarray(hdul[0].data)
-    if data.ndim != 2:
-        raise AstrometryFailure(f"mask {mask.name} is not a 2-D image")
-    flags = (data.astype(np.int64) & 0x7FFF).astype(np.int16)
-    fits.PrimaryHDU(flags).writeto(dest, overwrite=True)
-    return dest
-
-
 def star_like(cat: Table, min_snr: float) -> np.ndarray:
     """Boolean mask of catalogue rows usable as stars: S/N >= ``min_snr``, unflagged by the
     mask, not saturated/truncated/blended badly (FLAGS < 4), not elongated like a trail."""
@@ -129,7 +119,7 @@ def star_like(cat: Table, min_snr: float) -> np.ndarray:
         snr = np.where(err > 0, flux / err, 0.0)
     ok = (snr >= min_snr) & (np.asarray(cat["FLAGS"]) < 4) & (np.asarray(cat["ELONGATION"], float) < 2.0)
     if "IMAFLAGS_ISO" in cat.colnames:
-        ok &= np.asarray(cat["IMAFLAGS_ISO"]) == 0
+        ok &= (np.asarray(cat["IMAFLAGS_ISO"]).astype(np.int64) & FLAG_BITS) == 0
     return ok
 
 
@@ -172,8 +162,7 @@ def solve_frame(image: Path, weight: Path, mask: Path, reference: Path, workdir:
 
     t0 = time.perf_counter()
     try:
-        flags = flag_map_for_sextractor(mask, workdir / f"{stem}.flag.fits")
-        cat = extract(image, weight, flags, catalogue, options.nthreads, options.timeout_s)
+        cat = extract(image, weight, mask, catalogue, options.nthreads, options.timeout_s)
         strip_ldac_wcs(catalogue)
     except ToolError as exc:
         raise AstrometryFailure(f"Source Extractor failed: {exc}") from exc

@@ -192,7 +192,7 @@ def solution_header(scamp_head: fits.Header, nx: int, ny: int, quality: dict[str
     out["ASTRMS2A"] = (round(rms2, 4), "[arcsec] astrometric RMS vs reference, axis 2")
     out["ASTNSTAR"] = (int(quality.get("nstars", 0)), "reference stars matched by SCAMP")
     if "contrast" in quality:
-        out["ASTCONTR"] = (round(float(quality["contrast"]), 3), "SCAMP pattern-match contrast")
+        out["ASTCONTR"] = (round(float(quality["contrast"]), 3), "match contrast (vote-peak sigma)")
     if "degree" in quality:
         out["ASTDEG"] = (int(quality["degree"]), "distortion polynomial degree")
     if "refcat" in quality:

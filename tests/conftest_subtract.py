@@ -302,4 +302,38 @@ def evaluate(pair: SimPair, diff: np.ndarray, noise: np.ndarray, mask: np.ndarra
                           pair.x[vi], pair.y[vi], r_t)
     out["var_expected"] = exp_v
     out["var_measured"] = aperture_sums(diff, pair.x[vi], pair.y[vi], r_t)
+    kappa = max(blank_var / max(blank_model, 1e-30), 1.0)
+    out["var_sigma"] = np.sqrt(kappa * aperture_sums(noise ** 2, pair.x[vi], pair.y[vi], r_t))
+    out["var_fading"] = pair.flux_sci[vi] < pair.flux_ref[vi]
     return out
+
+
+def acceptance_failures(ev: dict, min_star_fraction: float = 0.99) -> list[str]:
+    """The issue's acceptance checks on :func:`evaluate` output; returns what failed."""
+    fails = []
+    if not 0.95 <= ev["std_ratio"] <= 1.10:
+        fails.append(f"std(diff/noise) in source-free pixels = {ev['std_ratio']:.3f}, not in [0.95, 1.10]")
+    frac = float(np.mean(np.abs(ev["star_z"]) < 3))
+    if frac < min_star_fraction:
+        fails.append(f"only {frac:.4f} of {ev['star_z'].size} non-variable stars within 3 sigma")
+    ok = (ev["t_snr"] > 20) & ev["t_ok_mask"]
+    if ok.sum() < 5:
+        fails.append(f"only {ok.sum()} transients with S/N > 20")
+    else:
+        r, snr = ev["t_ratio"][ok], ev["t_snr"][ok]
+        bad = np.abs(r - 1) > 0.03 + 3.0 / snr
+        if bad.any():
+            fails.append(f"transient flux ratios {np.round(r[bad], 3)} at S/N {np.round(snr[bad], 1)}")
+        mean = float(np.sum(r * snr ** 2) / np.sum(snr ** 2))
+        if abs(mean - 1) > 0.03:
+            fails.append(f"mean transient flux ratio {mean:.4f} off by more than 3 %")
+    dv = ev["var_measured"] - ev["var_expected"]
+    bad_v = np.abs(dv) > 3 * ev["var_sigma"] + 0.03 * np.abs(ev["var_expected"])
+    if bad_v.any():
+        fails.append(f"variable stars off: measured {np.round(ev['var_measured'][bad_v])} "
+                     f"expected {np.round(ev['var_expected'][bad_v])}")
+    if not ev["var_fading"].any():
+        fails.append("no fading variable to check")
+    elif not np.all(ev["var_measured"][ev["var_fading"]] < 0):
+        fails.append("a fading source is not negative in the difference")
+    return fails

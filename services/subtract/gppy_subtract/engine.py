@@ -303,8 +303,9 @@ def _subtract(science: Plane, reference: Plane, xp, p: EngineParams) -> Subtract
     H, W = shape
 
     # masks: zero-weight pixels count as masked
-    sci_mask = science.mask | xp.where(science.var > 0, 0, int(MaskBit.EDGE)).astype(xp.uint16)
-    ref_mask = reference.mask | xp.where(reference.var > 0, 0, int(MaskBit.EDGE)).astype(xp.uint16)
+    sci_mask = science.mask | xp.where((science.var > 0) | (science.mask != 0), 0, int(MaskBit.EDGE)).astype(xp.uint16)
+    ref_mask = reference.mask | xp.where((reference.var > 0) | (reference.mask != 0), 0,
+                                         int(MaskBit.EDGE)).astype(xp.uint16)
     sci_mask |= xp.where(xp.isfinite(science.data), 0, int(MaskBit.NONFINITE)).astype(xp.uint16)
     ref_mask |= xp.where(xp.isfinite(reference.data), 0, int(MaskBit.NONFINITE)).astype(xp.uint16)
     S = Plane(xp.where(sci_mask == 0, science.data, 0).astype(xp.float32),

@@ -12,7 +12,8 @@ re-sum. Pixel weights are inverse variances: first from the two images' backgrou
 the target's photon noise, then, once a kernel is known, with the convolved image's variance
 propagated through that kernel (``K^2 * var``). Iterations then drop stamps whose reduced chi^2
 is more than ``clip`` robust standard deviations above the median (variable stars, cosmic rays,
-blends), until none is dropped.
+blends); every stamp is re-judged against each new solution, so stamps dropped while a bad one
+still distorted the kernel come back. It stops when the set no longer changes.
 """
 
 from __future__ import annotations
@@ -325,18 +326,24 @@ def fit_kernel(stamps: StampData, basis: np.ndarray, bounds: tuple[int, int, int
     theta = solve(prod, kept)
     n_iter = 2
     chi2 = residual_chi2(theta, prod[0])
+    finite = np.isfinite(chi2)
     for _ in range(max_iter):
-        good = kept & np.isfinite(chi2)
+        good = kept & finite
         med = float(np.median(chi2[good]))
         sig = 1.4826 * float(np.median(np.abs(chi2[good] - med)))
-        bad = good & (chi2 > med + clip * max(sig, 1e-3 * med))
-        if not bad.any() or int(good.sum() - bad.sum()) < min_stamps:
-            kept = good
+        # the MAD of a shrinking set shrinks: never clip below the chi^2 scatter expected from
+        # noise alone, sqrt(2 / n_pixels) per stamp
+        limit = med + clip * max(sig, np.sqrt(2.0 / npix) * max(med, 1.0))
+        # every stamp is judged against the current solution, so a stamp dropped while a bad
+        # one (a variable star) still distorted the kernel comes back once that one is gone
+        new_kept = finite & (chi2 <= limit)
+        if np.array_equal(new_kept, kept) or int(new_kept.sum()) < min_stamps:
             break
-        kept = good & ~bad
+        kept = new_kept
         theta = solve(prod, kept)
         n_iter += 1
         chi2 = residual_chi2(theta, prod[0])
+        finite = np.isfinite(chi2)
     theta_h = to_host(theta)
     sol = KernelSolution(basis=np.asarray(basis), terms=terms, flux=float(theta_h[0]),
                          coeffs=theta_h[1:1 + m].reshape(nb - 1, nt), bg_terms=bg_terms,

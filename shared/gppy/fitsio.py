@@ -55,6 +55,21 @@ def write_fits(dest: str | Path, data: np.ndarray | None, header: fits.Header | 
     return Path(dest)
 
 
+def write_mask(dest: str | Path, mask: np.ndarray, header: fits.Header | None = None) -> Path:
+    """Write a :class:`gppy.masks.MaskBit` mask as int16 (BITPIX 16, no BZERO).
+
+    uint16 would need BZERO = 32768, which Source Extractor ignores for FLAG_IMAGEs (every
+    IMAFLAGS_ISO would then carry bit 15); the bits in use fit in 15 bits.
+    """
+    m = np.asarray(mask)
+    if m.size and int(m.max()) > 0x7FFF:
+        raise ValueError(f"{dest}: mask value {int(m.max())} does not fit the 15 mask bits")
+    hdr = fits.Header() if header is None else header.copy()
+    for key in ("BZERO", "BSCALE"):
+        hdr.remove(key, ignore_missing=True)
+    return write_fits(dest, m.astype(np.int16), hdr)
+
+
 def write_text(dest: str | Path, text: str) -> Path:
     """Write a text product atomically."""
     with atomic_path(dest) as tmp:

@@ -1,4 +1,8 @@
-"""The per-pixel bit mask carried by every image product (``<stem>.mask.fits``, uint16).
+"""The per-pixel bit mask carried by every image product (``<stem>.mask.fits``).
+
+On disk a mask is int16 (BITPIX 16 without BZERO, written by :func:`gppy.fitsio.write_mask`)
+so that Source Extractor reads its bits unchanged as a FLAG_IMAGE; in memory any integer type
+holds it.
 
 Bits are OR-ed; a pixel with any bit set has zero weight. Source Extractor reads the mask as
 a FLAG_IMAGE (``IMAFLAGS_ISO``), SWarp through the weight map, which is zero where the mask is
@@ -23,7 +27,7 @@ class MaskBit(IntFlag):
     GROWN = 128      # neighbour of a masked pixel, grown by the convolution kernel
 
 
-MASK_DTYPE = "uint16"
+MASK_DTYPE = "int16"
 
 
 def describe() -> dict[str, int]:

@@ -42,16 +42,31 @@ def stamp(header: fits.Header, stage: str, inputs: list[str | Path] | None = Non
           settings: dict | None = None, tools: list[str] | None = None) -> fits.Header:
     """Write provenance keywords into ``header`` (in place) and return it.
 
-    ``PIPEVER`` software version, ``PIPESTG`` stage, ``PIPESET`` settings hash, ``PROVIN##``
-    input file names (HISTORY for the full paths), ``TOOL##`` external tool versions.
+    Stages that update a product in place (astrometry, photometry) add to what earlier stages
+    wrote instead of replacing it:
+
+    * ``PIPEVER`` software version; ``PIPESTG`` the stages that wrote the file, in order
+      (``calib,astrometry,phot``);
+    * ``PSET<STG>`` hash of the settings of each stage (``PSETCALI``, ``PSETASTR``...);
+    * ``PROVINnn`` input file names (only when ``inputs`` are given);
+    * ``TOOLnn`` external tool versions, appended after those already present.
     """
     header["PIPEVER"] = (__version__, "gppy-stack software version")
-    header["PIPESTG"] = (stage, "pipeline stage that wrote this product")
+    stages = [s for s in str(header.get("PIPESTG", "")).split(",") if s]
+    if stage not in stages:
+        stages.append(stage)
+    header["PIPESTG"] = (",".join(stages)[:68], "pipeline stages that wrote this product")
     if settings is not None:
-        header["PIPESET"] = (settings_hash(settings), "hash of the settings affecting it")
+        header[f"PSET{stage[:4].upper()}"] = (settings_hash(settings), f"hash of the {stage} settings")
+        header["PIPESET"] = (settings_hash(settings), "settings hash of the last stage")
     for i, path in enumerate(inputs or [], start=1):
         if i <= 99:
             header[f"PROVIN{i:02d}"] = (Path(path).name[:68], "input")
-    for i, tool in enumerate(tools or [], start=1):
-        header[f"TOOL{i:02d}"] = (f"{tool} {tool_version(tool)}"[:68], "external tool")
+    existing = {str(v).split(" ")[0] for k, v in header.items() if k.startswith("TOOL") and k[4:].isdigit()}
+    n = sum(1 for k in header if k.startswith("TOOL") and k[4:].isdigit())
+    for tool in tools or []:
+        if tool in existing or n >= 99:
+            continue
+        n += 1
+        header[f"TOOL{n:02d}"] = (f"{tool} {tool_version(tool)}"[:68], "external tool")
     return header

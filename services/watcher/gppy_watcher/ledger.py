@@ -221,7 +221,7 @@ class Ledger:
         return json.loads(zlib.decompress(entry.value))
 
     async def save_progress(self, night_id: str, data: dict) -> None:
-        await self.kv.put(progress_key(night_id), zlib.compress(json.dumps(data, separators=(",", ":")).encode()))
+        await self.kv.put(progress_key(night_id), zlib.compress(json.dumps(data, separators=(",", ":")).encode(), 1))
 
     async def drop_progress(self, night_id: str) -> None:
         try:

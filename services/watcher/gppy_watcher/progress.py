@@ -23,7 +23,6 @@ import re
 import time
 from collections import Counter, defaultdict
 from datetime import datetime
-from pathlib import Path
 
 from gppy.messages import Event, MessageError, parse
 
@@ -50,6 +49,10 @@ def collapse_key(stage: str, reason: str) -> str:
 
 def _match(value: str, allowed: list[str] | None) -> bool:
     return not allowed or value.strip().lower() in {a.strip().lower() for a in allowed}
+
+
+def _name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
 
 
 def _ts(iso: str) -> float:
@@ -354,7 +357,7 @@ class NightProgress:
             by_visit[f["visit"]].append(f)
             if not self._frame_terminal(f):
                 step = "calibration" if not f["cal"] else "astrometry" if f["sol"] is None else "photometry"
-                out.append(f"{step} of {Path(key).name}")
+                out.append(f"{step} of {_name(key)}")
         for visit, frames in by_visit.items():
             if visit in self.stacks or any(not self._frame_terminal(f) for f in frames):
                 continue
@@ -363,7 +366,7 @@ class NightProgress:
         for s in self.stacks.values():
             if s.get("fail"):
                 continue
-            name = Path(s["path"]).name
+            name = _name(s["path"])
             if s["phot"] is None:
                 out.append(f"photometry of stack {name}")
             elif s["phot"] is True and s["path"] not in self.diffs:
@@ -372,9 +375,9 @@ class NightProgress:
             if d.get("fail") or d.get("ok") is False:
                 continue
             if "ok" not in d:
-                out.append(f"difference of {Path(key).name}")
+                out.append(f"difference of {_name(key)}")
             elif d["phot"] is None:
-                out.append(f"photometry of difference {Path(d.get('path') or key).name}")
+                out.append(f"photometry of difference {_name(d.get('path') or key)}")
         return out
 
     def complete(self) -> bool:

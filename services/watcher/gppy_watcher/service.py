@@ -302,6 +302,23 @@ class WatcherService(StageService):
         return prog
 
     async def _after_update(self, rec: NightRecord, prog: NightProgress, new_failures: list[dict]) -> None:
+        """Store the progress (before the event is acknowledged), update the record, send the
+        messages it calls for, and end the night when nothing is outstanding."""
+        messages = []
+        if prog.planned and not prog.announced:
+            prog.announced = True
+            messages.append(self._start_message(rec, prog))
+        for f in new_failures:
+            if f["item"] == rec.night_dir:
+                continue  # the night itself: reported once, at its end
+            key = collapse_key(f["stage"], f["reason"])
+            if key in prog.notified:  # the same failure again (another frame): counted, not sent
+                prog.notified[key] += 1
+                continue
+            prog.notified[key] = 1
+            item = Path(f["item"]).name if f["item"] else "-"
+            messages.append(f"{TAG} {rec.unit} {Path(rec.night_dir).name}: {f['stage']} failed on {item}: "
+                            f"{f['reason'][:800]}")
         await self.ledger.save_progress(rec.night_id, prog.to_dict())
         outstanding = prog.outstanding()
         counts = prog.counts()
@@ -320,34 +337,20 @@ class WatcherService(StageService):
             return r
 
         rec = await self.ledger.mutate(rec.night_id, fn) or rec
-        if prog.planned and not prog.announced:
-            prog.announced = True
-            await self._announce_start(rec, prog)
-        for f in new_failures:
-            if f["item"] == rec.night_dir:
-                continue  # the night itself: reported once, at its end
-            key = collapse_key(f["stage"], f["reason"])
-            if key in prog.notified:
-                prog.notified[key] += 1
-                continue
-            prog.notified[key] = 1
-            item = Path(f["item"]).name if f["item"] else "-"
-            self.notifier.post(f"{TAG} {rec.unit} {Path(rec.night_dir).name}: {f['stage']} failed on {item}: "
-                               f"{f['reason'][:800]}")
-        if new_failures or prog.announced:
-            await self.ledger.save_progress(rec.night_id, prog.to_dict())
+        for text in messages:
+            self.notifier.post(text)
         if not outstanding:
             await self._night_complete(rec, prog)
 
-    async def _announce_start(self, rec: NightRecord, prog: NightProgress) -> None:
+    def _start_message(self, rec: NightRecord, prog: NightProgress) -> str:
         n = len(prog.frames)
         objects = len({f["obj"] for f in prog.frames.values()})
         visits = len({f["visit"] for f in prog.frames.values()})
         extra = f" (attempt {rec.run_attempts}/{self.settings.night_max_attempts})" if rec.run_attempts > 1 else ""
         if rec.targets or rec.filters:
             extra += f" restricted to targets={rec.targets or 'all'} filters={rec.filters or 'all'}"
-        self.notifier.post(f"{TAG} Start processing {rec.unit} {Path(rec.night_dir).name} ({rec.lane}): {n} frames, "
-                           f"{objects} objects, {visits} visits{extra}")
+        return (f"{TAG} Start processing {rec.unit} {Path(rec.night_dir).name} ({rec.lane}): {n} frames, "
+                f"{objects} objects, {visits} visits{extra}")
 
     # ---------------------------------------------------------------- the end of a night
     async def _night_complete(self, rec: NightRecord, prog: NightProgress) -> None:

@@ -243,3 +243,144 @@ def clean_stars(mask, weight, x, y, r=14):
         ws = weight[max(i - r, 0):i + r + 1, max(j - r, 0):j + r + 1]
         out.append(bool(not sat and ws.size and ws.min() > 0.99 * ws.max()))
     return np.array(out)
+
+
+# ---------------------------------------------------------------------- simulated nights
+SIM_MASK_BITS = {1: MaskBit.COSMIC_RAY, 2: MaskBit.TRAIL, 4: MaskBit.SATURATED, 8: MaskBit.BAD, 16: MaskBit.BAD}
+
+
+@dataclass
+class SimFrame:
+    """A simulated science frame turned into a calibrated single (with the truth)."""
+
+    raw: Path
+    calib: Path
+    header: fits.Header
+    truth: dict
+    stars: object            # astropy Table of truth/frames/<stem>.stars.csv
+    visit: int               # the simulator's visit index
+
+
+def simulate_fixed_targets(outdir: Path, night: str, seed: int, radec: list[tuple[float, float]] | None = None,
+                           **kw) -> Path:
+    """``gppy.sim.simulate`` with the targets' centres forced to ``radec`` (the simulator
+    places targets near the meridian of each night; a deep stack needs the same field on
+    several nights). Returns the path.json."""
+    import gppy.sim.night as sim_night
+
+    original = sim_night.make_plan
+
+    def make_plan(*args, **kwargs):
+        plan = original(*args, **kwargs)
+        if radec is not None:
+            for tg, (ra, dec) in zip(plan.targets, radec, strict=False):
+                tg.ra, tg.dec = float(ra), float(dec)
+        return plan
+
+    sim_night.make_plan = make_plan
+    try:
+        return sim_night.simulate(outdir, night=night, seed=seed, **kw)
+    finally:
+        sim_night.make_plan = original
+
+
+def calibrate_sim_night(path_json: Path, processed: Path | None = None) -> list[SimFrame]:
+    """Stand in for the calib, astrometry and phot stages with the simulator's truth.
+
+    Each science frame becomes ``calib_<UNIT>_<OBJ>_..._<EXPTIME>.fits`` in the processed
+    tree: ``(raw - bias - dark) / flat`` with the true bias (plus the frame's offset), dark
+    current and flat; the true TPV WCS; ``ZP_AUTO`` = the true zero point (mag for 1 ADU),
+    ``SEEING`` = the true median FWHM; a weight map = the inverse of the background variance
+    (sky model, dark current and read noise through the flat, 0 where masked) and a uint16
+    mask from the true cosmic-ray, trail, saturation, bad-column and hot-pixel maps.
+    """
+    import ast
+    import json
+
+    from astropy.table import Table
+
+    from gppy.config import PathConfig
+    from gppy.naming import ProductDirs
+
+    root = Path(path_json).parent
+    cfg = PathConfig.load(path_json)
+    processed = Path(processed or cfg.path_processed)
+    night = json.loads((root / "truth" / "night.json").read_text())
+    night_dir = Path(night["night_dir"])
+    bias = fits.getdata(root / "truth" / "calib" / "bias.fits").astype(np.float64)
+    dark = fits.getdata(root / "truth" / "calib" / "dark_current.fits").astype(np.float64)
+    visit_of = {f: v["index"] for v in night["visits"] for f in v["frames"]}
+    flats: dict[str, np.ndarray] = {}
+    out = []
+    for fr in night["frames"]:
+        if fr["kind"] != "science":
+            continue
+        raw_path = night_dir / fr["file"]
+        stem = fr["file"][:-5]
+        tj = json.loads((root / "truth" / "frames" / f"{stem}.json").read_text())
+        filt = fr["filter"]
+        if filt not in flats:
+            flats[filt] = fits.getdata(root / "truth" / "calib" / f"flat_{filt}.fits").astype(np.float64)
+        flat = flats[filt]
+        with fits.open(raw_path) as hd:
+            raw = hd[0].data.astype(np.float64)
+            h = hd[0].header.copy()
+        t = float(fr["exptime"])
+        g = float(tj["gain_e_per_adu"])
+        dark_adu = dark * t / g
+        img = (raw - bias - tj["bias_offset_adu"] - dark_adu) / flat
+        with fits.open(root / "truth" / "frames" / f"{stem}.mask.fits") as hd:
+            tmask = np.asarray(hd[1].data)
+        mask = np.zeros(img.shape, np.uint16)
+        for bit, mb in SIM_MASK_BITS.items():
+            mask[(tmask & bit) != 0] |= np.uint16(mb)
+        ny, nx = img.shape
+        yy, xx = np.mgrid[0:ny, 0:nx]
+        gx, gy = tj["sky_gradient_per_frame"]
+        sky = tj["sky_adu"] * (1 + gx * (xx - (nx - 1) / 2) / nx + gy * (yy - (ny - 1) / 2) / ny)
+        var_raw = (np.clip(sky * flat + dark_adu, 0, None)) / g + tj["read_noise_adu"] ** 2
+        weight = np.where(mask == 0, flat**2 / var_raw, 0.0).astype(np.float32)
+        for key in ("BZERO", "BSCALE", "BITPIX"):
+            h.remove(key, ignore_missing=True)
+        wcs_h = fits.Header.fromstring(tj["wcs_header"], sep="\n")
+        h.update(wcs_h)
+        h["ZP_AUTO"] = (tj["zp_adu"], "true zero point (mag for 1 ADU)")
+        h["SEEING"] = (tj["fwhm_median_arcsec"], "true median FWHM (arcsec)")
+        h["SATURATE"] = (float(np.min((65535.0 - bias - dark_adu) / flat)), "calibrated ADU")
+        h["SKYVAL"] = tj["sky_adu"]
+        name = calib_name(h["TELESCOP"], h["OBJECT"], h["DATE-OBS"], h["FILTER"], h["EXPTIME"])
+        dest = ProductDirs.of(processed, h["OBJECT"], h["TELESCOP"], h["FILTER"]).base / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fits.writeto(dest, img.astype(np.float32), h, overwrite=True)
+        fits.writeto(dest.with_name(name[:-5] + ".weight.fits"), weight, overwrite=True)
+        fits.writeto(dest.with_name(name[:-5] + ".mask.fits"), mask, overwrite=True)
+        tj["psf"] = ast.literal_eval(tj["psf"]) if isinstance(tj["psf"], str) else tj["psf"]
+        stars = Table.read(root / "truth" / "frames" / f"{stem}.stars.csv", format="ascii.csv")
+        out.append(SimFrame(raw_path, dest, h, tj, stars, visit_of[fr["file"]]))
+    return out
+
+
+def moffat_enclosed(r: float, fwhm_px: np.ndarray, beta: float) -> np.ndarray:
+    """Fraction of a circular Moffat's flux within radius ``r`` (px)."""
+    alpha = np.asarray(fwhm_px) / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    return 1.0 - (1.0 + r**2 / alpha**2) ** (1.0 - beta)
+
+
+def covered_by_all(calib_paths, ra, dec, r: float) -> np.ndarray:
+    """True for positions that every input covers with unmasked pixels within ``r`` + 4 px
+    (so the stack there is a combination of all inputs, with no hole filled by a subset)."""
+    ok = np.ones(len(ra), bool)
+    half = int(np.ceil(r)) + 4
+    for p in calib_paths:
+        p = Path(p)
+        h = fits.getheader(p)
+        mask = fits.getdata(p.with_name(p.name[:-5] + ".mask.fits"))
+        ny, nx = mask.shape
+        x, y = WCS(h).all_world2pix(np.asarray(ra), np.asarray(dec), 0)
+        for k in np.nonzero(ok)[0]:
+            i, j = int(round(y[k])), int(round(x[k]))
+            if i - half < 0 or j - half < 0 or i + half >= ny or j + half >= nx:
+                ok[k] = False
+            elif mask[i - half:i + half + 1, j - half:j + half + 1].any():
+                ok[k] = False
+    return ok

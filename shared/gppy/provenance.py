@@ -68,5 +68,5 @@ def stamp(header: fits.Header, stage: str, inputs: list[str | Path] | None = Non
         if tool in existing or n >= 99:
             continue
         n += 1
-        header[f"TOOL{n:02d}"] = (f"{tool} {tool_version(tool)}"[:68], "external tool")
+        header[f"TOOL{n:02d}"] = f"{tool} {tool_version(tool)}"[:68]
     return header

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 
 import numpy as np
+from scipy import ndimage
 
 from gppy.masks import MaskBit
 from gppy.xp import to_host
@@ -162,8 +163,8 @@ def cosmic_ray_candidates(xp: ModuleType, image, invar, inmask, threshold: float
 
 
 def cosmic_ray_mask(xp: ModuleType, image, variance, sky: float, inmask, gain: float, rdnoise_e: float,
-                    satlevel: float, params: dict | None = None, tile: int = CR_TILE, pad: int = CR_PAD,
-                    workers: int = 2) -> np.ndarray:
+                    satlevel: float, fill=None, params: dict | None = None, tile: int = CR_TILE,
+                    pad: int = CR_PAD, workers: int = 2) -> np.ndarray:
     """Cosmic rays on a reduced frame with astroscrappy (L.A.Cosmic), on candidate tiles.
 
     astroscrappy gets the full noise model as ``invar``: the background variance plus the
@@ -171,7 +172,10 @@ def cosmic_ray_mask(xp: ModuleType, image, variance, sky: float, inmask, gain: f
     what is there, the frame is cut into ``tile`` x ``tile`` tiles and astroscrappy runs (in
     ``workers`` threads; it releases the GIL) only on tiles holding a candidate
     (:func:`cosmic_ray_candidates`), each padded by ``pad`` pixels of context; only the
-    tile's own pixels are kept from each run.
+    tile's own pixels are kept from each run. Pixels of ``fill`` (bad, non-finite) take their
+    nearest good neighbour's value before the run (astroscrappy's own ``inmask`` misses cosmic
+    rays next to a masked column); saturated pixels keep their values, so that astroscrappy's
+    ``satlevel`` protects saturated stars. Pixels of ``inmask`` are never flagged.
 
     Parameters
     ----------
@@ -183,13 +187,15 @@ def cosmic_ray_mask(xp: ModuleType, image, variance, sky: float, inmask, gain: f
     sky : float
         Median sky, ADU.
     inmask : array of bool
-        Pixels to ignore (already masked).
+        Pixels never to flag (already masked).
     gain : float
         e-/ADU of ``image``.
     rdnoise_e : float
         Read noise, e-.
     satlevel : float
         Saturation level of ``image``, ADU.
+    fill : array of bool, optional
+        Pixels whose values are not data (bad, non-finite); default ``inmask``.
     params : dict, optional
         Overrides of :data:`CR_PARAMS`.
 
@@ -200,6 +206,8 @@ def cosmic_ray_mask(xp: ModuleType, image, variance, sky: float, inmask, gain: f
     """
     import astroscrappy
 
+    fill = inmask if fill is None else fill
+
     kw = dict(CR_PARAMS)
     kw.update(params or {})
     img = xp.asarray(image, dtype=xp.float32)
@@ -209,7 +217,7 @@ def cosmic_ray_mask(xp: ModuleType, image, variance, sky: float, inmask, gain: f
     # (L.A.Cosmic misses tracks on the outermost rows and columns otherwise)
     data = np.pad(np.asarray(to_host(img), dtype=np.float32), pad, mode="reflect")
     var = np.pad(np.asarray(to_host(invar), dtype=np.float32), pad, mode="reflect")
-    mask = np.pad(np.asarray(to_host(inmask), dtype=bool), pad, mode="reflect")
+    mask = np.pad(np.asarray(to_host(fill), dtype=bool), pad, mode="reflect")
     ny, nx = cand.shape
     ty, tx = -(-ny // tile), -(-nx // tile)
     padded = np.zeros((ty * tile, tx * tile), dtype=bool)
@@ -222,11 +230,18 @@ def cosmic_ray_mask(xp: ModuleType, image, variance, sky: float, inmask, gain: f
         y1, x1 = min(ny, y0 + tile), min(nx, x0 + tile)
         # in the mirrored frame the tile starts at (y0 + pad, x0 + pad)
         sl = (slice(y0, y1 + 2 * pad), slice(x0, x1 + 2 * pad))
-        cr, _ = astroscrappy.detect_cosmics(np.ascontiguousarray(data[sl]), inmask=np.ascontiguousarray(mask[sl]),
-                                            invar=np.ascontiguousarray(var[sl]), gain=float(gain),
-                                            readnoise=float(rdnoise_e), satlevel=float(satlevel),
-                                            sepmed=True, cleantype="meanmask", fsmode="median", verbose=False,
-                                            **kw)
+        sub, sub_var, sub_mask = data[sl], var[sl], mask[sl]
+        if sub_mask.any():
+            if sub_mask.all():
+                return
+            # masked pixels take the value of their nearest unmasked neighbour: astroscrappy's
+            # own inmask misses cosmic rays next to a masked (bad) column
+            iy, ix = ndimage.distance_transform_edt(sub_mask, return_distances=False, return_indices=True)
+            sub, sub_var = sub[iy, ix], sub_var[iy, ix]
+        cr, _ = astroscrappy.detect_cosmics(np.ascontiguousarray(sub), invar=np.ascontiguousarray(sub_var),
+                                            gain=float(gain), readnoise=float(rdnoise_e),
+                                            satlevel=float(satlevel), sepmed=True, cleantype="meanmask",
+                                            fsmode="median", verbose=False, **kw)
         out[y0:y1, x0:x1] = cr[pad:pad + y1 - y0, pad:pad + x1 - x0]
 
     if workers > 1 and len(tiles) > 1:

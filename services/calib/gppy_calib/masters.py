@@ -338,7 +338,7 @@ def make_flat(frames: Sequence[FrameInfo], sources: Sequence[Any], bias: Master,
     m.header = master_header(m, used_frames, comb, clip)
     darks_used = sorted({d.exptime for d in dark_of if d is not None})
     m.header["FLATDARK"] = (",".join(f"{t:g}" for t in darks_used) or "none",
-                            "[s] master darks (scaled) removed from the flats")
+                            "[s] master darks scaled and removed")
     m.header["FLATNORM"] = (f"median of every {NORM_STEP}th px", "normalisation of each flat frame")
     for i, norm in enumerate(norms[:999], start=1):
         m.header[f"FNORM{i:03d}"] = (round(norm, 3), f"[ADU] median of input {i}")

@@ -489,7 +489,8 @@ class NightCalibrator:
         ncr = 0
         trail_list: list = []
         if self.settings.cosmic_rays:
-            cr = masks.cosmic_ray_mask(xp, red, var, sky, mask != 0, egain, rn_adu * gain, sat_red)
+            notdata = (mask & int(MaskBit.BAD | MaskBit.NONFINITE | MaskBit.EDGE)) != 0
+            cr = masks.cosmic_ray_mask(xp, red, var, sky, mask != 0, egain, rn_adu * gain, sat_red, fill=notdata)
             ncr = int(cr.sum())
             mask = mask | xp.asarray(np.where(cr, np.uint16(int(MaskBit.COSMIC_RAY)), np.uint16(0)))
         if self.settings.satellite_trails:
@@ -539,7 +540,7 @@ class NightCalibrator:
             hdr.add_history(f"changehdr: {change}"[:72])
         hdr["BUNIT"] = ("ADU", "bias, scaled dark and flat removed")
         hdr["EGAINRAW"] = (round(gain, 6), f"[e-/ADU] raw gain ({gain_src})"[:47])
-        hdr["EGAIN"] = (round(egain, 6), "[e-/ADU] of this image (raw gain x median flat)")
+        hdr["EGAIN"] = (round(egain, 6), "[e-/ADU] this image: raw gain x median flat")
         hdr["RDNOISE"] = (round(rn_adu * gain, 4), "[e-] read noise")
         hdr["SATRAW"] = (sat_raw, "[ADU] raw saturation level used")
         hdr["SATURATE"] = (round(sat_red, 2), "[ADU] conservative saturation of this image")

@@ -266,6 +266,12 @@ def _measure(snr: np.ndarray, theta: float, rho: float) -> Trail | None:
     return Trail(float(x0), float(y0), float(x1), float(y1), float(half), peak)
 
 
+def _distance(trail: Trail, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Distance (px) of points from the infinite line through a trail's ends."""
+    dx, dy = trail.x1 - trail.x0, trail.y1 - trail.y0
+    return np.abs((x - trail.x0) * dy - (y - trail.y0) * dx) / max(float(np.hypot(dx, dy)), 1e-9)
+
+
 def trail_pixels(shape: tuple[int, int], trail: Trail) -> tuple[np.ndarray, np.ndarray]:
     """(ys, xs) of the pixels a trail's strip covers (its extent plus ``half_width`` at the ends)."""
     dx, dy = trail.x1 - trail.x0, trail.y1 - trail.y0
@@ -320,13 +326,20 @@ def detect_trails(image: np.ndarray, noise: np.ndarray | float, masked: np.ndarr
         rho_full = rho * BIN + (BIN - 1) / 2.0 * (np.cos(theta) + np.sin(theta))
         trail = _measure(snr, theta, rho_full) if key not in tried else None
         tried.add(key)
-        # remove the votes of this line whatever the verdict, to look for the next one
-        dist = np.abs(xs * np.cos(theta) + ys * np.sin(theta) - rho)
-        near = dist <= max(2.0, (trail.half_width / BIN + 1.0) if trail else 2.0)
+        # remove the votes of this line whatever the verdict, to look for the next one; around a
+        # confirmed trail clear a strip twice its width, so that its wings are not found again
+        if trail is None:
+            near = np.abs(xs * np.cos(theta) + ys * np.sin(theta) - rho) <= 2.0
+        else:
+            near = _distance(trail, BIN * xs + (BIN - 1) / 2.0, BIN * ys + (BIN - 1) / 2.0) <= (
+                2.0 * trail.half_width + 4.0 + BIN)
         ys, xs = ys[~near], xs[~near]
         if trail is None:
             continue
         ty, tx = trail_pixels(shape, trail)
         out[ty, tx] = True
         trails.append(trail)
+        wide = Trail(trail.x0, trail.y0, trail.x1, trail.y1, 2.0 * trail.half_width + 4.0, trail.peak_snr)
+        wy, wx = trail_pixels(shape, wide)
+        snr[wy, wx] = 0.0
     return out, trails

@@ -293,6 +293,7 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
     t_jd = info.obstime
     meta = {"obs": header.get("TELESCOP", ""), "object": info.obj, "filter": info.filt,
             "date-obs": t_jd.isot, "jd": round(float(t_jd.jd), 6), "mjd": round(float(t_jd.mjd), 6),
+            "exptime": float(header.get("EXPTIME", 0.0) or 0.0),
             "seeing": round(see.seeing_arcsec, 3), "refcat": p.refcat_name, "image": Path(image_path).name,
             "zp": {s: round(z.zp, 4) for s, z in zps.items()}, "zp_total": round(total.zp, 4),
             "ezp": {s: round(z.ezp, 4) for s, z in zps.items()},

@@ -229,7 +229,7 @@ class StackService(StageService):
             return [self.failed(event, reason, visit)]
         try:
             with self.step("stack_visit"):
-                result = await asyncio.to_thread(self._stack_visit, record, ok_paths)
+                result = await asyncio.to_thread(self.build_visit_stack, record, ok_paths)
         except (PermanentError, BadInputError) as exc:
             reason = f"visit {visit}: {exc}"
             await self._finish(key, token, "failed", None, reason)
@@ -272,7 +272,13 @@ class StackService(StageService):
             raise PermanentError(str(exc)) from exc
         return centre, grid_header(centre.ra, centre.dec, tuple(self.settings.stack_size), self.settings.pixel_scale)
 
-    def _stack_visit(self, record: dict, paths: list[str]):
+    def build_visit_stack(self, record: dict, paths: list[str]):
+        """Stack one visit (blocking; no bus needed).
+
+        ``record`` holds ``unit``, ``object``, ``filter``, ``night_dir`` and ``visit``;
+        ``paths`` are the visit's calibrated singles that succeeded. Returns the
+        :class:`~gppy_stack.coadd.StackResult`.
+        """
         unit, obj, filt = record["unit"], record["object"], record["filter"]
         centre, grid = self._grid_for(obj, paths[0])
         dirs = ProductDirs.of(self.paths.path_processed, obj, unit, filt)
@@ -305,7 +311,13 @@ class StackService(StageService):
                     log.warning("deep stack: skipping %s: %s", p.name, exc)
         return out
 
-    def _deep_stack(self, req: DeepStackRequest):
+    def build_deep_stack(self, req: DeepStackRequest):
+        """Select, scale and coadd the singles a deep-stack request asks for (blocking).
+
+        Writes a deep stack, or with ``as_reference`` a ``ref_7DT_`` reference; returns the
+        :class:`~gppy_stack.coadd.StackResult` (``excluded`` also lists the frames the
+        selection rejected).
+        """
         obj, filt = sanitize(req.object, "OBJECT"), sanitize(req.filter, "FILTER")
         cands = self.scan_candidates(obj, filt)
         chosen, rejected = deep.select_frames(cands, req.select, req.nights)
@@ -334,7 +346,7 @@ class StackService(StageService):
 
     async def on_deep(self, req: DeepStackRequest) -> list[Event]:
         with self.step("deep_stack"):
-            result = await asyncio.to_thread(self._deep_stack, req)
+            result = await asyncio.to_thread(self.build_deep_stack, req)
         log.info("deep stack %s %s from %d frame(s): %s", req.object, req.filter, len(result.inputs), result.path)
         if req.as_reference:
             return []  # a reference is an input of later subtractions, not a new science product

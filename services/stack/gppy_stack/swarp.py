@@ -46,6 +46,7 @@ class SwarpOptions:
 
     combine_type: str = "WEIGHTED"
     resampling_type: str = "LANCZOS3"
+    fscalastro_type: str = "VARIABLE"
     subtract_back: bool = True
     back_size: int = 512
     back_filtersize: int = 3
@@ -117,7 +118,7 @@ def swarp_config(*, imageout: Path, weightout: Path, headerout: Path, weights: S
         "RESAMPLING_TYPE": options.resampling_type,
         "OVERSAMPLING": "0",
         "INTERPOLATE": "N",
-        "FSCALASTRO_TYPE": "FIXED",
+        "FSCALASTRO_TYPE": options.fscalastro_type,
         "FSCALE_KEYWORD": NO_FSCALE_KEYWORD,
         "FSCALE_DEFAULT": join(fscales),
         "GAIN_KEYWORD": NO_FSCALE_KEYWORD + "G",

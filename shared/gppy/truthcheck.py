@@ -9,28 +9,31 @@ exposure). Transients: injected sources found in the difference-image candidate 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
-from astropy.wcs import WCS
+from astropy.wcs import WCS, FITSFixedWarning
 
 from gppy.config import PathConfig
 
 MATCH_ARCSEC = 1.5
+warnings.filterwarnings("ignore", category=FITSFixedWarning)
 
 
-def _truth_frames(truth: Path) -> dict[tuple[str, str], dict]:
-    """(DATE-OBS, FILTER) -> truth of a science frame."""
-    out = {}
-    for f in sorted((truth / "frames").glob("*.json")):
-        d = json.loads(f.read_text())
-        if d.get("kind") != "science":
-            continue
-        d["stem"] = f.name[:-5]
-        out[(d.get("date_obs", ""), d.get("filter", ""))] = d
-    return out
+def _truth_of(truth: Path, header) -> dict | None:
+    """Truth of the science frame a calibrated single came from (its raw file, PROVIN01)."""
+    raw = str(header.get("PROVIN01", ""))
+    f = truth / "frames" / (raw[:-5] + ".json" if raw.endswith(".fits") else raw + ".json")
+    if not raw or not f.exists():
+        return None
+    d = json.loads(f.read_text())
+    if d.get("kind") != "science":
+        return None
+    d["stem"] = f.name[:-5]
+    return d
 
 
 def _singles(processed: Path) -> list[Path]:
@@ -41,13 +44,12 @@ def _singles(processed: Path) -> list[Path]:
 
 def astrometry_residuals(processed: Path, truth: Path, max_mag_snr20: float | None = None) -> list[dict]:
     """Per solved single: RMS of (solved - true) in RA*cos(dec) and Dec, arcsec."""
-    frames = _truth_frames(truth)
     rows = []
     for img in _singles(processed):
         hdr = fits.getheader(img)
         if "CTYPE1" not in hdr or "TPV" not in str(hdr.get("CTYPE1")):
             continue
-        t = frames.get((hdr.get("DATE-OBS", ""), hdr.get("FILTER", "")))
+        t = _truth_of(truth, hdr)
         if t is None:
             continue
         stars = Table.read(truth / "frames" / f"{t['stem']}.stars.csv", format="ascii.csv")
@@ -65,13 +67,12 @@ def astrometry_residuals(processed: Path, truth: Path, max_mag_snr20: float | No
 
 def zeropoint_errors(processed: Path, truth: Path) -> list[dict]:
     """Per photometered single: ZP_AUTO - true zp_adu (mag)."""
-    frames = _truth_frames(truth)
     rows = []
     for img in _singles(processed):
         hdr = fits.getheader(img)
         if "ZP_AUTO" not in hdr:
             continue
-        t = frames.get((hdr.get("DATE-OBS", ""), hdr.get("FILTER", "")))
+        t = _truth_of(truth, hdr)
         if t is None or "zp_adu" not in t:
             continue
         rows.append({"image": img.name, "zp": float(hdr["ZP_AUTO"]), "true": float(t["zp_adu"]),

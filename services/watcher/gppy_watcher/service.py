@@ -167,16 +167,19 @@ class WatcherService(StageService):
 
     async def queue_night(self, cand: Candidate, snap: Snapshot) -> None:
         """The scanner found ``cand`` completely copied: queue its first attempt."""
+        queued = []
+
         def fn(rec):
+            queued.clear()
             if rec is None:
                 rec = new_record(cand.night_id, cand.unit, str(cand.night_dir), cand.lane, cand.kind, "scan")
             elif rec.state not in ("seen", "waiting"):
-                return None
+                return None  # queued meanwhile by someone else (gppy process)
+            queued.append(True)
             return start_attempt(rec, self._msg_id, snapshot=snap.as_dict())
 
-        before = self.ledger.cached(cand.night_id)
         rec = await self.ledger.mutate(cand.night_id, fn)
-        if rec is None or rec.state != "queued" or (before and before.state == "queued"):
+        if not queued or rec is None:
             return
         log.info("%s is ready (%d files, %d bytes): queued on the %s lane", cand.night_dir, snap.count, snap.size,
                  rec.lane)
@@ -195,15 +198,19 @@ class WatcherService(StageService):
     async def requeue(self, night_id: str, targets: list[str] | None = None,
                       filters: list[str] | None = None) -> NightRecord:
         """Operator re-queue: a new run of the night (a fresh attempt budget)."""
+        queued = []
+
         def fn(rec):
+            queued.clear()
             if rec is None:
                 raise KeyError(night_id)
             if rec.active:
                 return None
+            queued.append(True)
             return start_attempt(rec, self._msg_id, new_run=True, targets=targets, filters=filters)
 
         rec = await self.ledger.mutate(night_id, fn)
-        if rec.state == "queued" and not rec.published:
+        if queued:
             self._progress.pop(night_id, None)
             await self.ledger.drop_progress(night_id)
             log.info("%s re-queued by an operator (run %d, attempt %d)", night_id, rec.run, rec.attempt)

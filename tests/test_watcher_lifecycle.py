@@ -320,3 +320,32 @@ async def test_a_stalled_night_is_closed_with_its_missing_items(settings):
     summary = json.loads(Path(done[0].summary_path).read_text())
     assert done[0].status == "done"
     assert summary["outstanding_at_end"] == [f"astrometry of {sim.frames[2].calib.name}"]
+
+
+async def test_a_simulated_night_copied_in_chunks_is_queued_once_after_the_last_byte(settings, tmp_path):
+    """A raw night from gppy.sim, copied the way rsync does it (each file grows in chunks)."""
+    from gppy.sim import simulate
+
+    simulate(tmp_path / "sim", unit=UNIT, night="2025-01-15", size=(256, 192), targets=1, filters=["m425"],
+             references=False, extras=False, transients=False, seed=3)
+    src = tmp_path / "sim" / "obsdata" / UNIT / "2025-01-15_gain2750"
+    files = sorted(src.iterdir())
+    s = watcher_settings(settings, quiet_period_s=3.0, poll_interval_s=0.3)
+    d = night_dir(s, src.name)
+    d.mkdir(parents=True)
+    nid = naming.night_id(UNIT, d)
+    async with running_watcher(s) as svc:
+        for f in files:
+            data = f.read_bytes()
+            with open(d / f.name, "wb") as out:
+                for k in range(3):
+                    out.write(data[k * len(data) // 3:(k + 1) * len(data) // 3])
+                    out.flush()
+                    await asyncio.sleep(0.05)
+        evs = await wait_for(lambda: readies(s, nid), 60, "the night to be queued")
+        scans = svc.scanner.scans
+        await wait_for(lambda: svc.scanner.scans >= scans + 5, 60, "five more scans")
+        assert len(await readies(s, nid)) == 1
+        rec = svc.ledger.cached(nid)
+    assert evs[0].night_dir == str(d)
+    assert rec.snapshot == {"size": sum(f.stat().st_size for f in files), "count": len(files), "fits": len(files)}

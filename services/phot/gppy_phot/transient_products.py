@@ -1,0 +1,464 @@
+"""Photometry of a difference image and its transient products (v1-behaviour.md §9, §10).
+
+:func:`search` does the work on arrays plus a scratch folder for Source Extractor:
+
+1. Source Extractor on D and on -D with the difference's noise image (``MAP_RMS``) and mask
+   (flag image), apertures from the science seeing (header ``SEEING``, carried over by the
+   subtract stage), detection at ``detect_significance`` in units of the filtered noise.
+2. The positive catalogue calibrated with the science zero points of the header ->
+   ``<stem>.subt.phot.cat`` (v1 §9).
+3. Every detection of either sign measured and vetted (:mod:`gppy_phot.transients`), scored
+   (:mod:`gppy_phot.realbogus`), labelled, and moving objects found from the visit's single
+   frames.
+
+:func:`difference_products` is the service's side: read the files named by the ``diff.done``
+event, call :func:`search`, write the catalogues, the region file, the flag summary and the
+candidates' cutouts, and update the difference header (v1 §9: AUTHOR PHOTIME JD MJD SKYSIG
+SKYVAL and the apertures).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import MaskedColumn, Table
+from astropy.time import Time
+from astropy.wcs import WCS
+from astropy.wcs.utils import proj_plane_pixel_scales
+
+from gppy.fitsio import BadInputError, atomic_path, read_header, read_image, write_fits, write_text
+from gppy.naming import ProductDirs, stem, weight_of
+from gppy_phot import catalog, cutouts, realbogus, regions, sextractor, transients, zeropoint
+from gppy_phot.apertures import SUFFIXES, ZP_KEYS, aperture_set
+from gppy_phot.photometry import PhotParams
+
+log = logging.getLogger(__name__)
+
+#: Value given to masked pixels of the noise image handed to Source Extractor (ignored there).
+BAD_RMS = 1e30
+
+
+@dataclass
+class DiffScience:
+    """What the difference's header (the science keys carried over) provides."""
+
+    seeing: float
+    peeing: float
+    ellip: float
+    elong: float
+    pixscale: float
+    filt: str
+    wcs: WCS
+    zps: dict[str, tuple[float, float]]
+    ul5_1: float
+    obstime: Time | None
+    beta: float | None = None
+
+    @classmethod
+    def from_header(cls, h: fits.Header, path: str | Path) -> DiffScience:
+        missing = [k for k in ("SEEING", "ZP_1", "FILTER") if k not in h]
+        if missing:
+            raise BadInputError(path, f"difference header lacks {', '.join(missing)} (the science photometry keys "
+                                      "must be carried over by the subtract stage)")
+        wcs = WCS(h, naxis=2)
+        if not wcs.has_celestial:
+            raise BadInputError(path, "difference has no celestial WCS")
+        pixscale = float(np.mean(proj_plane_pixel_scales(wcs.celestial)) * 3600.0)
+        seeing = float(h["SEEING"])
+        zps = {}
+        for s in SUFFIXES:
+            k = ZP_KEYS[s]
+            if f"ZP_{k}" in h:
+                zps[s] = (float(h[f"ZP_{k}"]), float(h.get(f"EZP_{k}", 0.0)))
+        try:
+            obstime = Time(h["DATE-OBS"], format="isot", scale="utc") if "DATE-OBS" in h else None
+        except ValueError:
+            obstime = None
+        return cls(seeing=seeing, peeing=float(h.get("PEEING", seeing / pixscale)), ellip=float(h.get("ELLIP", 0.05)),
+                   elong=float(h.get("ELONG", 1.05)), pixscale=pixscale, filt=str(h["FILTER"]).strip(), wcs=wcs,
+                   zps=zps, ul5_1=float(h.get("UL5_1", np.nan)), obstime=obstime,
+                   beta=float(h["COGBETA"]) if "COGBETA" in h else None)
+
+
+@dataclass
+class SearchResult:
+    """Products of :func:`search`."""
+
+    phot: Table                      # positive Source Extractor catalogue, calibrated (.subt.phot.cat)
+    transients: Table                # every detection, both signs, with flags and score
+    skyval: float
+    skysig: float
+    aps: dict[str, float] = field(default_factory=dict)
+
+
+def _robust_sigma(a: np.ndarray, n: int = 200000, seed: int = 0) -> float:
+    v = np.asarray(a).ravel()
+    if v.size > n:
+        v = v[np.random.default_rng(seed).integers(0, v.size, n)]
+    v = v[np.isfinite(v) & (v != 0)]
+    if v.size == 0:
+        return float("nan")
+    return float(1.4826 * np.median(np.abs(v - np.median(v))))
+
+
+def _se_run(image: Path, workdir: Path, tag: str, info: DiffScience, aps, rms: Path, flag: Path,
+            params: PhotParams, tparams: transients.TransientParams) -> sextractor.SexResult:
+    conv = write_text(workdir / "diff.conv", sextractor.gaussian_conv_text(info.peeing))
+    args = sextractor.build_args(
+        image, workdir / f"{tag}.cat", sextractor.package_file("det.param"), conv, gain=0.0, saturation=1e15,
+        seeing_arcsec=info.seeing, apertures_px=aps.phot_apertures(), weight=rms, weight_type="MAP_RMS",
+        flag=flag,
+        overrides={"DETECT_THRESH": sextractor.detect_thresh_for(tparams.detect_significance, info.peeing),
+                   "ANALYSIS_THRESH": 1.5, "DETECT_MINAREA": params.detect_minarea, "BACK_SIZE": 64,
+                   "BACK_FILTERSIZE": 3, "BACKPHOTO_TYPE": "GLOBAL", "WEIGHT_THRESH": BAD_RMS / 10})
+    return sextractor.run(args, workdir / f"{tag}.cat", workdir)
+
+
+def calibrate_table(t: Table, filt: str, zps: dict[str, tuple[float, float]]) -> Table:
+    """Add ``MAG/MAGERR/FLUX/FLUXERR/SNR_<S>_<FILT>`` from the header zero points (v1 §9)."""
+    out = Table(t, copy=False)
+    for s in SUFFIXES:
+        if s not in zps:
+            continue
+        fcol, ecol = catalog.se_flux_columns(s)
+        cal = zeropoint.calibrate(np.asarray(t[fcol], float), np.asarray(t[ecol], float), *zps[s])
+        for q, name in catalog.calibrated_names(s, filt).items():
+            out[name] = cal[q]
+    return out
+
+
+def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.ndarray, mask: np.ndarray | None,
+           science: np.ndarray | None, sci_sigma: np.ndarray | None, sci_gain: float, conv: np.ndarray | None,
+           ref_footprint: tuple[WCS, tuple[int, int]] | None, star_conc: tuple[float, float] | None,
+           singles: list[transients.SingleDetections], workdir: Path, params: PhotParams | None = None,
+           tparams: transients.TransientParams | None = None, rb_model: dict | None = None) -> SearchResult:
+    """Detect, measure and vet the sources of a difference image.
+
+    Parameters
+    ----------
+    diff_path : Path
+        The difference image file (read by Source Extractor).
+    diff, header : array, Header
+        Its pixels and header (science keys SEEING, ZP_*, ... carried over).
+    noise : array
+        1-sigma noise of each pixel of ``diff`` (0 or non-finite where masked).
+    mask : uint16 array or None
+        MaskBit mask of ``diff``.
+    science, sci_sigma, sci_gain : array, array, float
+        The science image on the same grid, its noise (from its weight) and EGAIN.
+    conv : array or None
+        The convolved reference on the same grid (science photometric scale).
+    ref_footprint : (WCS, (ny, nx)) or None
+        The reference image's WCS and shape, for the footprint flag.
+    star_conc : (median, MAD) or None
+        MAG_APER_3 - MAG_APER_5 of the science's stars.
+    singles : list
+        Unmatched detections of the visit's single frames (for moving objects).
+    workdir : Path
+        Scratch folder.
+    """
+    p = params or PhotParams()
+    tp = tparams or transients.TransientParams()
+    info = DiffScience.from_header(header, diff_path)
+    ny, nx = diff.shape
+    aps = aperture_set(info.peeing, info.pixscale)
+    bad = np.zeros(diff.shape, bool) if mask is None else (mask != 0)
+    bad |= ~np.isfinite(diff) | ~np.isfinite(noise) | (noise <= 0)
+    workdir.mkdir(parents=True, exist_ok=True)
+    rms = np.where(bad, BAD_RMS, noise).astype(np.float32)
+    rms_path = write_fits(workdir / "rms.fits", rms)
+    del rms
+    flag_path = sextractor.write_flag_image(bad.astype(np.uint16) if mask is None else (mask | bad.astype(np.uint16)),
+                                            workdir / "flag.fits")
+    neg_path = write_fits(workdir / "neg.fits", np.where(bad, 0.0, -diff).astype(np.float32), header)
+    pos = _se_run(diff_path, workdir, "pos", info, aps, rms_path, flag_path, p, tp)
+    neg = _se_run(neg_path, workdir, "neg", info, aps, rms_path, flag_path, p, tp)
+    phot = calibrate_table(pos.table, info.filt, info.zps)
+
+    # ---- every detection of either sign
+    cols = ["NUMBER", "X_IMAGE", "Y_IMAGE", "ALPHA_J2000", "DELTA_J2000", "FLUX_APER_1", "FLUXERR_APER_1",
+            "MAG_APER_3", "MAG_APER_5", "MAGERR_APER_3", "MAGERR_APER_5", "BACKGROUND", "FLAGS", "IMAFLAGS_ISO",
+            "NIMAFLAGS_ISO", "FWHM_IMAGE", "ELONGATION", "ELLIPTICITY", "ISOAREA_IMAGE", "CLASS_STAR"]
+    parts = []
+    for sign, t in ((1, pos.table), (-1, neg.table)):
+        if len(t) == 0:
+            continue
+        sub = Table({c: np.asarray(t[c]) for c in cols if c in t.colnames})
+        sub["sign"] = np.full(len(sub), sign, dtype=np.int8)
+        parts.append(sub)
+    if parts:
+        from astropy.table import vstack
+
+        det = vstack(parts, metadata_conflicts="silent")
+    else:
+        det = Table({c: np.zeros(0) for c in cols})
+        det["sign"] = np.zeros(0, np.int8)
+    n = len(det)
+    x = np.asarray(det["X_IMAGE"], float) - 1.0
+    y = np.asarray(det["Y_IMAGE"], float) - 1.0
+    sign = np.asarray(det["sign"], int)
+    signed_diff = diff  # forced measurements below work on sign x D
+    sig_img = np.where(bad, np.nan, noise)
+    r1 = aps.diameters["APER_1"] / 2.0
+
+    psf_pos = transients.forced_psf(signed_diff, sig_img, x, y, info.peeing, bad, info.beta)
+    snr_psf = psf_pos.snr * sign
+    fd = transients.forced_aperture(diff, x, y, r1, sigma=sig_img, bad=bad)
+    fs = (transients.forced_aperture(science, x, y, r1, sigma=sci_sigma, bad=bad, gain=sci_gain)
+          if science is not None else None)
+    fr = transients.forced_aperture(conv, x, y, r1, bad=bad) if conv is not None else None
+    with np.errstate(invalid="ignore", divide="ignore"):
+        zsig = diff / sig_img
+    dipole = transients.box_fraction(zsig, x, y, int(np.ceil(info.peeing)), 1.0, sign) if n else np.zeros(0)
+    zero_or_bad = bad | (diff == 0)
+    masked = transients.any_in_radius(zero_or_bad, x, y, max(5.0, info.peeing)) if n else np.zeros(0, bool)
+    if ref_footprint is not None and n:
+        rw, (rny, rnx) = ref_footprint
+        rx, ry = rw.all_world2pix(np.asarray(det["ALPHA_J2000"]), np.asarray(det["DELTA_J2000"]), 0)
+        margin = 2.0
+        in_fp = (rx >= margin) & (rx <= rnx - 1 - margin) & (ry >= margin) & (ry <= rny - 1 - margin)
+    else:
+        rx = ry = np.full(n, np.nan)
+        in_fp = np.ones(n, bool)
+    if conv is not None and n:
+        conv_sig = _robust_sigma(conv)
+        ref_min = transients.min_significance(conv, conv_sig, x, y, info.seeing / info.pixscale)
+    else:
+        ref_min = np.zeros(n)
+    local_sig = np.where(np.isfinite(sig_img[np.clip(np.rint(y).astype(int), 0, ny - 1),
+                                             np.clip(np.rint(x).astype(int), 0, nx - 1)]),
+                         sig_img[np.clip(np.rint(y).astype(int), 0, ny - 1), np.clip(np.rint(x).astype(int), 0, nx - 1)],
+                         np.nan) if n else np.zeros(0)
+    conc = np.asarray(det["MAG_APER_3"], float) - np.asarray(det["MAG_APER_5"], float) if n else np.zeros(0)
+    conc_err = np.hypot(np.asarray(det["MAGERR_APER_3"], float), np.asarray(det["MAGERR_APER_5"], float)) \
+        if n else np.zeros(0)
+    meas = {"x": x, "y": y, "sign": sign, "snr_psf": snr_psf, "ELLIPTICITY": np.asarray(det["ELLIPTICITY"], float),
+            "FWHM_IMAGE": np.asarray(det["FWHM_IMAGE"], float), "FLAGS": np.asarray(det["FLAGS"]),
+            "BACKGROUND": np.asarray(det["BACKGROUND"], float), "sigma_local": local_sig, "conc": conc,
+            "conc_err": conc_err, "dipole_frac": dipole, "masked": masked, "in_footprint": in_fp,
+            "ref_min_sig": ref_min}
+    flags = transients.vetting_flags(meas, seeing_arcsec=info.seeing, peeing_px=info.peeing, ellip=info.ellip,
+                                     pixscale=info.pixscale, nx=nx, ny=ny, params=tp,
+                                     conc_star=star_conc[0] if star_conc else None,
+                                     conc_mad=star_conc[1] if star_conc else None)
+    ncore = float(np.pi * (1.5 * info.peeing) ** 2)
+    feats = realbogus.features(meas["FWHM_IMAGE"], info.peeing, np.asarray(det["ELONGATION"], float), info.elong,
+                               dipole, psf_pos.chi2, ncore, snr_psf, psf_pos.sharpness * sign)
+    rb = realbogus.score(feats, rb_model) if n else np.zeros(0)
+    zp1, ezp1 = info.zps.get("APER_1", (np.nan, 0.0))
+    flux_diff_ujy = fd.flux * sign * zeropoint.ujy_per_adu(zp1) if n else np.zeros(0)
+    moving, rate, pa = transients.moving_objects(np.asarray(det["ALPHA_J2000"], float),
+                                                 np.asarray(det["DELTA_J2000"], float), singles,
+                                                 tp.moving_min_arcsec, tp.moving_search_arcsec,
+                                                 flux=flux_diff_ujy, sign=sign, snr_min=tp.snr_min,
+                                                 seeing_arcsec=info.seeing)
+    cand = transients.candidates(flags, moving, rb, tp.rb_min)
+
+    # ---- the transient table
+    out = Table()
+    out["ID"] = np.arange(1, n + 1, dtype=np.int32)
+    for c in ("NUMBER", "X_IMAGE", "Y_IMAGE", "ALPHA_J2000", "DELTA_J2000"):
+        out[c] = det[c] if n else np.zeros(0)
+    out["sign"] = sign.astype(np.int8)
+    out["label"] = transients.labels(sign, (fr.flux / fr.err) if fr is not None else np.zeros(n), moving) \
+        if n else np.zeros(0, "<U11")
+    out["candidate"] = cand
+    out["rb"] = rb
+    out["snr_psf"] = snr_psf
+    for tag, fm in (("DIFF", fd), ("SCI", fs), ("REF", fr)):
+        if fm is None:
+            continue
+        flux = fm.flux * (sign if tag == "DIFF" else 1)
+        cal = zeropoint.calibrate(flux, fm.err, zp1, ezp1)
+        out[f"FLUX_{tag}"] = cal["FLUX"]
+        out[f"FLUXERR_{tag}"] = cal["FLUXERR"]
+        out[f"MAG_{tag}"] = cal["MAG"]
+        out[f"MAGERR_{tag}"] = cal["MAGERR"]
+    if fs is not None and fr is not None:
+        out["del_mag"] = out["MAG_SCI"] - out["MAG_REF"]
+    for c in ("FLAGS", "IMAFLAGS_ISO", "BACKGROUND", "FWHM_IMAGE", "ELONGATION", "ELLIPTICITY", "CLASS_STAR",
+              "ISOAREA_IMAGE"):
+        if c in det.colnames:
+            out[c] = det[c]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["ratio_seeing"] = meas["FWHM_IMAGE"] * info.pixscale / info.seeing
+        out["ratio_ellipticity"] = meas["ELLIPTICITY"] / max(info.ellip, 1e-3)
+        out["ratio_elongation"] = np.asarray(det["ELONGATION"], float) / max(info.elong, 1.0) if n else np.zeros(0)
+    out["n_bad"] = fd.nbad
+    out["dipole_frac"] = dipole
+    out["psf_chi2"] = psf_pos.chi2
+    out["sharpness"] = psf_pos.sharpness * sign
+    out["ref_min_sig"] = ref_min
+    out["x_refim"] = MaskedColumn(rx, mask=~np.isfinite(rx))
+    out["y_refim"] = MaskedColumn(ry, mask=~np.isfinite(ry))
+    out["rate_arcsec_h"] = MaskedColumn(rate, mask=~np.isfinite(rate))
+    out["pa_deg"] = MaskedColumn(pa, mask=~np.isfinite(pa))
+    for name, f in flags.items():
+        out[name] = f
+    for j, fname in enumerate(realbogus.FEATURES):
+        out[f"rb_{fname}"] = feats[:, j] if n else np.zeros(0)
+    out.meta.update({"filter": info.filt, "seeing": info.seeing, "snr_min": tp.snr_min, "rb_min": tp.rb_min,
+                     "detect_significance": tp.detect_significance, "flags": transients.FLAG_DOC,
+                     "ncandidates": int(cand.sum())})
+    return SearchResult(phot=phot, transients=out, skyval=pos.background, skysig=pos.rms,
+                        aps=dict(aps.diameters))
+
+
+# ----------------------------------------------------------------------------- service side
+def _singles_of(science_header: fits.Header, dirs: ProductDirs) -> list[transients.SingleDetections]:
+    """Unmatched detections of the stack's input singles, from their phot catalogues."""
+    names = [str(v) for k, v in science_header.items() if k.startswith(("IMCMB", "PROVIN"))]
+    seen, out = set(), []
+    for name in names:
+        s = stem(name)
+        if s in seen or s.endswith((".weight", ".mask")):
+            continue
+        seen.add(s)
+        cat = dirs.phot / f"{s}.phot.cat"
+        if not cat.exists():
+            continue
+        try:
+            t = Table.read(cat, format="ascii.ecsv")
+        except Exception as exc:  # a broken catalogue only costs the moving-object check
+            log.warning("cannot read %s: %s", cat, exc)
+            continue
+        mjd = float(t.meta.get("mjd", np.nan)) + float(t.meta.get("exptime", 0.0)) / 2 / 86400.0
+        if not np.isfinite(mjd):
+            continue
+        if "source_id" not in t.colnames:
+            unmatched = np.ones(len(t), bool)
+        elif hasattr(t["source_id"], "mask"):
+            unmatched = np.asarray(np.ma.getmaskarray(t["source_id"]))
+        else:
+            unmatched = np.zeros(len(t), bool)
+        filt = str(t.meta.get("filter", ""))
+        fcol, scol = f"FLUX_APER_1_{filt}", f"SNR_APER_1_{filt}"
+        out.append(transients.SingleDetections(
+            t=mjd, ra=np.asarray(t["ALPHA_J2000"], float)[unmatched], dec=np.asarray(t["DELTA_J2000"], float)[unmatched],
+            flux=np.asarray(t[fcol], float)[unmatched] if fcol in t.colnames else None,
+            snr=np.asarray(t[scol], float)[unmatched] if scol in t.colnames else None))
+    return out
+
+
+def _star_concentration(science: Path, dirs: ProductDirs) -> tuple[float, float] | None:
+    """Median and MAD of MAG_APER_3 - MAG_APER_5 of the science image's stars."""
+    cat = dirs.phot / f"{stem(science)}.phot.cat"
+    if not cat.exists():
+        return None
+    t = Table.read(cat, format="ascii.ecsv")
+    ok = (np.asarray(t["FLAGS"]) == 0) & (np.asarray(t["CLASS_STAR"]) > 0.5)
+    c = np.asarray(t["MAG_APER_3"], float)[ok] - np.asarray(t["MAG_APER_5"], float)[ok]
+    c = c[np.isfinite(c) & (np.abs(c) < 5)]
+    if len(c) < 5:
+        return None
+    med = float(np.median(c))
+    return med, float(np.median(np.abs(c - med)))
+
+
+def _write_cutouts(res: SearchResult, diff: np.ndarray, sci: np.ndarray | None, conv: np.ndarray | None,
+                   wcs: WCS, pixscale: float, base: str, dirs: ProductDirs) -> int:
+    t = res.transients
+    n = 0
+    for row in t[np.asarray(t["candidate"], bool)]:
+        ra, dec = float(row["ALPHA_J2000"]), float(row["DELTA_J2000"])
+        for tag, img in (("sci", sci), ("ref", conv), ("sub", diff)):
+            if img is None:
+                continue
+            data, cw = cutouts.cutout(img, wcs, ra, dec, pixscale)
+            name = f"{base}.{int(row['ID'])}.{tag}"
+            hdul = cutouts.cutout_fits_bytes(data, cw, {"CANDID": int(row["ID"]), "LABEL": str(row["label"]),
+                                                        "IMAGE": tag})
+            with atomic_path(dirs.fits_image / f"{name}.fits") as tmp:
+                hdul.writeto(tmp, overwrite=True)
+            with atomic_path(dirs.png_image / f"{name}.png") as tmp:
+                tmp.write_bytes(cutouts.png_bytes(data, box_px=10.0))
+            n += 1
+    return n
+
+
+def difference_products(event, processed: Path, scratch_root: Path, params: PhotParams,
+                        tparams: transients.TransientParams | None = None) -> dict:
+    """Products of one ``diff.done`` event; returns the ``phot.done`` figures."""
+    from gppy_phot.service import provenance_meta, read_mask
+
+    diff_path = Path(event.path)
+    diff, header = read_image(diff_path)
+    noise, _ = read_image(event.noise_path) if event.noise_path else (None, None)
+    if noise is None or noise.shape != diff.shape:
+        raise BadInputError(event.noise_path or diff_path, "difference noise image missing or of another shape")
+    mask = read_mask(event.mask_path)
+    if mask is not None and mask.shape != diff.shape:
+        raise BadInputError(event.mask_path, "difference mask of another shape")
+    science, sci_header = read_image(event.science_path)
+    if science.shape != diff.shape:
+        science = None
+    sci_sigma = None
+    wpath = weight_of(event.science_path)
+    if science is not None and wpath.exists():
+        w, _ = read_image(wpath)
+        with np.errstate(divide="ignore"):
+            sci_sigma = np.where(w > 0, 1.0 / np.sqrt(np.where(w > 0, w, 1.0)), np.nan).astype(np.float32)
+        del w
+    conv = None
+    if event.conv_path and Path(event.conv_path).exists():
+        conv, _ = read_image(event.conv_path)
+        if conv.shape != diff.shape:
+            conv = None
+    ref_fp = None
+    if event.reference_path and Path(event.reference_path).exists():
+        rh = read_header(event.reference_path)
+        try:
+            ref_fp = (WCS(rh, naxis=2), (int(rh["NAXIS2"]), int(rh["NAXIS1"])))
+        except Exception as exc:
+            log.warning("reference WCS unusable (%s): no footprint check", exc)
+    dirs = ProductDirs.of(processed, event.object, event.unit, event.filter)
+    singles = _singles_of(sci_header, dirs)
+    conc = _star_concentration(Path(event.science_path), dirs)
+    scratch_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"diff-{stem(diff_path)[:40]}-", dir=scratch_root) as tmp:
+        res = search(diff_path, diff, header, noise, mask, science, sci_sigma, float(sci_header.get("EGAIN", 0.0)),
+                     conv, ref_fp, conc, singles, Path(tmp), params, tparams)
+    base = stem(diff_path)                      # <science stem>.subt
+    out_dir = diff_path.parent
+    prov = provenance_meta([diff_path, event.science_path, event.conv_path or "", event.reference_path or ""],
+                           params)
+    res.phot.meta.update({"image": diff_path.name, "filter": header.get("FILTER", ""), "provenance": prov})
+    write_text(out_dir / f"{base}.phot.cat", catalog.to_ecsv(res.phot))
+    res.transients.meta["provenance"] = prov
+    write_text(out_dir / f"{base}.transient.cat", catalog.to_ecsv(res.transients))
+    t = res.transients
+    cand = np.asarray(t["candidate"], bool)
+    write_text(out_dir / f"{base}.transient.reg",
+               regions.region_text(regions.circles(np.asarray(t["ALPHA_J2000"])[cand], np.asarray(t["DELTA_J2000"])[cand],
+                                                   2.5, "red", [f"{i} {lab}" for i, lab in
+                                                                zip(t["ID"][cand], t["label"][cand], strict=True)]),
+                                   "gppy phot: transient candidates"))
+    summary = ["flag,n,ratio"] + [f"{name},{int(np.sum(t[name]))},{np.mean(t[name]) if len(t) else 0:.4f}"
+                                  for name in transients.FLAG_DOC]
+    summary.append(f"candidate,{int(cand.sum())},{cand.mean() if len(t) else 0:.4f}")
+    write_text(out_dir / f"{base}.flag.summary.csv", "\n".join(summary) + "\n")
+    info = DiffScience.from_header(header, diff_path)
+    _write_cutouts(res, diff, science, conv, info.wcs, info.pixscale, stem(event.science_path), dirs)
+    # v1 §9: the difference's own keys
+    h = header.copy()
+    t0 = info.obstime
+    h["AUTHOR"] = ("gppy phot", "photometry software")
+    h["PHOTIME"] = (Time.now().isot[:10], "date of the photometry")
+    if t0 is not None:
+        h["JD"] = (round(float(t0.jd), 6), "Julian date of DATE-OBS")
+        h["MJD"] = (round(float(t0.mjd), 6), "modified Julian date of DATE-OBS")
+    h["SKYSIG"] = (round(float(res.skysig), 3), "[image units] background RMS of the difference")
+    h["SKYVAL"] = (round(float(res.skyval), 3), "[image units] background of the difference")
+    for s in SUFFIXES:
+        h[s] = (round(res.aps.get(s, 0.0), 3), f"MAG_{s} diameter (px)")
+    h["NCANDID"] = (int(cand.sum()), "transient candidates")
+    for key in ("BZERO", "BSCALE"):
+        h.remove(key, ignore_missing=True)
+    write_fits(diff_path, diff, h)
+    return {"catalogue_path": str(out_dir / f"{base}.phot.cat"), "candidates_path": str(out_dir / f"{base}.transient.cat"),
+            "ncandidates": int(cand.sum())}

@@ -1,0 +1,426 @@
+"""Transient candidates on a difference image: forced measurements, vetting flags, labels.
+
+v1 wrote this step (``gregoryfind_7DT.py``, v1-behaviour.md §10) and never ran it. Here every
+detection of Source Extractor on the difference D (positive) and on -D (negative, i.e. fading
+sources) gets:
+
+* forced measurements at its position (:func:`forced_aperture`, :func:`forced_psf`): a PSF-
+  weighted flux and S/N on D with its noise image, and aperture fluxes (APER_1) on the
+  difference, the science and the (convolved) reference;
+* the vetting flags of v1 §10, each a boolean column (``flag_*``), re-expressed with the noise
+  image where v1 compared raw counts (:func:`vetting_flags`);
+* a real/bogus score (:mod:`gppy_phot.realbogus`);
+* a label: ``new`` (positive, nothing in the reference), ``brightening`` (positive, a
+  reference source), ``fading`` (negative), ``moving`` (its position moves across the visit's
+  single frames, :func:`moving_objects`).
+
+A detection is a candidate when no veto flag is set (the shape flags are not vetoes for a
+moving object, which is elongated in a stack by nature) and its real/bogus score is at least
+``rb_min``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Flag columns, with the v1 §10 item each stands for.
+FLAG_DOC = {
+    "flag_inv_diff": "1: a detection of the opposite sign within SEEING (dipole / negative counterpart)",
+    "flag_inv_ref": "2: a negative feature in the convolved reference within SEEING (> 5 sigma deep)",
+    "flag_edge": "3: within the border margin (outside v1's 99 % box, and >= 2 FWHM from the edge)",
+    "flag_faint": "4: PSF-weighted S/N below snr_min (v1: fainter than the 5-sigma depth UL5_1)",
+    "flag_ellip": "5: ELLIPTICITY / ELLIP > 5 and ELLIPTICITY > 0.3 + 2.5 / S/N",
+    "flag_sexflags": "6: Source Extractor FLAGS > 4",
+    "flag_seeing": "7: FWHM / SEEING > 3 (1 + 2.5 / S/N) or < 0.5",
+    "flag_background": "8: |BACKGROUND| > 2 x the local noise (v1: > 50 counts)",
+    "flag_concentration": "9: (MAG_APER_3 - MAG_APER_5) off the stars' value by > max(10 MAD, 5 sigma)",
+    "flag_dipole": "10: > 30 % of the pixels within +-PEEING beyond 1 sigma of the opposite sign",
+    "flag_masked": "11, 13: a masked, null or zero pixel within max(5 px, PEEING)",
+    "flag_footprint": "12: outside the reference image's footprint",
+}
+#: Flags that do not veto a moving object (a moving object is elongated in a stack).
+SHAPE_FLAGS = ("flag_ellip", "flag_seeing", "flag_concentration", "flag_inv_diff", "flag_dipole")
+
+
+@dataclass
+class TransientParams:
+    """Settings of the transient search."""
+
+    detect_significance: float = 3.5
+    snr_min: float = 5.0
+    rb_min: float = 0.5
+    edge_fraction: float = 0.005
+    moving_min_arcsec: float = 1.0
+    moving_search_arcsec: float = 8.0
+
+
+# ----------------------------------------------------------------------- forced measurements
+def _stamps(image: np.ndarray, x: np.ndarray, y: np.ndarray, half: int,
+            fill: float = np.nan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, m, m) stamps around 0-based (x, y) rounded, with ``fill`` outside the image; also the
+    offsets (dx, dy) of each stamp pixel from the exact position."""
+    ny, nx = image.shape
+    ix = np.rint(x).astype(np.int64)
+    iy = np.rint(y).astype(np.int64)
+    off = np.arange(-half, half + 1)
+    yy = iy[:, None, None] + off[None, :, None]
+    xx = ix[:, None, None] + off[None, None, :]
+    inside = (xx >= 0) & (xx < nx) & (yy >= 0) & (yy < ny)
+    vals = np.where(inside, np.asarray(image)[np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)], fill)
+    dx = xx - x[:, None, None]
+    dy = yy - y[:, None, None]
+    return vals.astype(np.float64), np.broadcast_to(dx, vals.shape), np.broadcast_to(dy, vals.shape)
+
+
+def aperture_weights(dx: np.ndarray, dy: np.ndarray, radius: float) -> np.ndarray:
+    """Fraction of each pixel inside a circle of ``radius`` (px), a linear ramp across the edge
+    (exact to a few 0.1 % of the aperture area for radii of a few pixels)."""
+    return np.clip(radius + 0.5 - np.hypot(dx, dy), 0.0, 1.0)
+
+
+@dataclass
+class Forced:
+    """Forced aperture measurement (image units)."""
+
+    flux: np.ndarray
+    err: np.ndarray
+    background: np.ndarray
+    nbad: np.ndarray
+
+
+def forced_aperture(image: np.ndarray, x: np.ndarray, y: np.ndarray, radius: float,
+                    sigma: np.ndarray | None = None, bad: np.ndarray | None = None, gain: float = 0.0,
+                    annulus: tuple[float, float] | None = None) -> Forced:
+    """Aperture photometry at fixed 0-based positions.
+
+    Parameters
+    ----------
+    image : 2-D array
+        The image (D, science or reference), image units.
+    x, y : arrays
+        0-based positions (px).
+    radius : float
+        Aperture radius (px).
+    sigma : 2-D array, optional
+        Per-pixel noise (image units). Without it, the robust scatter of the annulus is used.
+    bad : 2-D bool array, optional
+        Pixels excluded from the aperture sum (counted in ``nbad``) and from the annulus.
+    gain : float
+        e- per image unit for the sources' Poisson noise (0: none).
+    annulus : (r_in, r_out), optional
+        Background annulus radii (px); default (radius + 4, radius + 12). Its median is
+        subtracted; ``annulus=(0, 0)`` means no background subtraction.
+    """
+    x = np.atleast_1d(np.asarray(x, float))
+    y = np.atleast_1d(np.asarray(y, float))
+    n = len(x)
+    if n == 0:
+        z = np.zeros(0)
+        return Forced(z, z, z, z.astype(int))
+    r_in, r_out = annulus if annulus is not None else (radius + 4.0, radius + 12.0)
+    half = int(np.ceil(max(radius, r_out))) + 1
+    vals, dx, dy = _stamps(image, x, y, half)
+    badst = ~np.isfinite(vals)
+    if bad is not None:
+        b, _, _ = _stamps(bad.astype(np.float32), x, y, half, fill=1.0)
+        badst |= b > 0
+    w = aperture_weights(dx, dy, radius)
+    r = np.hypot(dx, dy)
+    ann = (r >= r_in) & (r < r_out) & ~badst
+    v0 = np.where(badst, 0.0, vals)
+    if r_out > 0:
+        with np.errstate(invalid="ignore"):
+            annv = np.where(ann, vals, np.nan).reshape(n, -1)
+            bkg = np.nanmedian(annv, axis=1)
+            mad = np.nanmedian(np.abs(annv - bkg[:, None]), axis=1) * 1.4826
+        nann = ann.reshape(n, -1).sum(axis=1)
+        bkg = np.where(np.isfinite(bkg), bkg, 0.0)
+    else:
+        bkg = np.zeros(n)
+        mad = np.full(n, np.nan)
+        nann = np.zeros(n, int)
+    area = (w * ~badst).reshape(n, -1).sum(axis=1)
+    flux = (w * v0).reshape(n, -1).sum(axis=1) - bkg * area
+    if sigma is not None:
+        s, _, _ = _stamps(sigma, x, y, half, fill=0.0)
+        s = np.where(badst | ~np.isfinite(s), 0.0, s)
+        var = ((w * s) ** 2).reshape(n, -1).sum(axis=1)
+        with np.errstate(invalid="ignore"):
+            sig_pix = np.sqrt(np.nanmedian(np.where(ann, s, np.nan).reshape(n, -1) ** 2, axis=1))
+    else:
+        var = (w**2).reshape(n, -1).sum(axis=1) * np.where(np.isfinite(mad), mad, 0.0) ** 2
+        sig_pix = mad
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var_bkg = np.where(nann > 0, 0.5 * np.pi * (area * np.where(np.isfinite(sig_pix), sig_pix, 0.0)) ** 2
+                           / np.maximum(nann, 1), 0.0)
+    if gain > 0:
+        var = var + np.clip(flux, 0, None) / gain
+    nbad = (badst & (w > 0)).reshape(n, -1).sum(axis=1)
+    return Forced(flux=flux, err=np.sqrt(var + var_bkg), background=bkg, nbad=nbad)
+
+
+def psf_model(dx: np.ndarray, dy: np.ndarray, fwhm_px: float, beta: float | None = None) -> np.ndarray:
+    """Unit-integral PSF sampled at offsets (dx, dy): a circular Moffat of index ``beta``
+    (the science image's curve-of-growth ``COGBETA``), or a Gaussian when ``beta`` is None."""
+    r2 = dx**2 + dy**2
+    if beta is None or not np.isfinite(beta) or beta > 15:
+        s2 = (fwhm_px / 2.3548200450309493) ** 2
+        return np.exp(-0.5 * r2 / s2) / (2 * np.pi * s2)
+    alpha = fwhm_px / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    return (beta - 1.0) / (np.pi * alpha**2) * (1.0 + r2 / alpha**2) ** (-beta)
+
+
+@dataclass
+class PsfFit:
+    """PSF-weighted flux on the difference and its figures."""
+
+    flux: np.ndarray
+    err: np.ndarray
+    snr: np.ndarray
+    chi2: np.ndarray       # reduced chi^2 of D - flux x PSF within 1.5 FWHM
+    sharpness: np.ndarray  # peak pixel / model peak (1 for a PSF)
+
+
+def forced_psf(diff: np.ndarray, sigma: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_px: float,
+               bad: np.ndarray | None = None, beta: float | None = None) -> PsfFit:
+    """Optimal (PSF-weighted) flux of point sources at fixed positions on the difference.
+
+    ``flux = sum(P D / s^2) / sum(P^2 / s^2)``, ``err = 1 / sqrt(sum(P^2 / s^2))`` over the pixels
+    within 2 FWHM (:func:`psf_model` of the image's seeing; masked pixels left out). ``snr`` is
+    the significance of a point source there: it is what the detection threshold means.
+    """
+    x = np.atleast_1d(np.asarray(x, float))
+    y = np.atleast_1d(np.asarray(y, float))
+    n = len(x)
+    if n == 0:
+        z = np.zeros(0)
+        return PsfFit(z, z, z, z, z)
+    half = int(np.ceil(2 * fwhm_px)) + 1
+    d, dx, dy = _stamps(diff, x, y, half)
+    s, _, _ = _stamps(sigma, x, y, half, fill=0.0)
+    badst = ~np.isfinite(d) | ~np.isfinite(s) | (s <= 0)
+    if bad is not None:
+        b, _, _ = _stamps(bad.astype(np.float32), x, y, half, fill=1.0)
+        badst |= b > 0
+    r = np.hypot(dx, dy)
+    use = (r <= 2 * fwhm_px) & ~badst
+    p = psf_model(dx, dy, fwhm_px, beta)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ivar = np.where(use, 1.0 / np.where(s > 0, s, 1.0) ** 2, 0.0)
+        a = (p * p * ivar).reshape(n, -1).sum(axis=1)
+        b = (p * np.where(use, d, 0.0) * ivar).reshape(n, -1).sum(axis=1)
+        flux = np.where(a > 0, b / a, np.nan)
+        err = np.where(a > 0, 1.0 / np.sqrt(a), np.nan)
+        core = use & (r <= 1.5 * fwhm_px)
+        res2 = ((np.where(core, d, 0.0) - flux[:, None, None] * p) ** 2 * np.where(core, ivar, 0.0))
+        ncore = core.reshape(n, -1).sum(axis=1)
+        chi2 = res2.reshape(n, -1).sum(axis=1) / np.maximum(ncore - 1, 1)
+        near = use & (r <= 1.0)
+        peak = np.nanmax(np.where(near, d, -np.inf).reshape(n, -1), axis=1)
+        model_peak = flux * psf_model(np.zeros(1), np.zeros(1), fwhm_px, beta)[0]
+        sharp = np.where(np.abs(model_peak) > 0, peak / model_peak, np.nan)
+    return PsfFit(flux=flux, err=err, snr=flux / err, chi2=chi2, sharpness=sharp)
+
+
+# ----------------------------------------------------------------------- pixel-level checks
+def box_fraction(sig: np.ndarray, x: np.ndarray, y: np.ndarray, half: int, threshold: float,
+                 sign: np.ndarray) -> np.ndarray:
+    """Fraction of the pixels in a (2 half + 1)^2 box where ``sign x sig < -threshold``
+    (significantly of the opposite sign; NaN pixels do not count)."""
+    v, _, _ = _stamps(sig, x, y, half)
+    good = np.isfinite(v)
+    opp = good & ((np.asarray(sign)[:, None, None] * v) < -threshold)
+    n = len(np.atleast_1d(x))
+    return opp.reshape(n, -1).sum(axis=1) / np.maximum(good.reshape(n, -1).sum(axis=1), 1)
+
+
+def any_in_radius(bad: np.ndarray, x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
+    """True where a ``bad`` pixel lies within ``radius`` px (outside the image counts as bad)."""
+    half = int(np.ceil(radius))
+    v, dx, dy = _stamps(bad.astype(np.float32), x, y, half, fill=1.0)
+    inside = np.hypot(dx, dy) <= radius
+    n = len(np.atleast_1d(x))
+    return ((v > 0) & inside).reshape(n, -1).any(axis=1)
+
+
+def min_significance(image: np.ndarray, sigma: float | np.ndarray, x: np.ndarray, y: np.ndarray,
+                     radius: float) -> np.ndarray:
+    """Most negative value / sigma within ``radius`` (for the inverted-reference check)."""
+    half = int(np.ceil(radius))
+    v, dx, dy = _stamps(image, x, y, half)
+    if np.ndim(sigma) == 2:
+        s, _, _ = _stamps(sigma, x, y, half, fill=np.nan)
+    else:
+        s = np.full(v.shape, float(sigma))
+    inside = (np.hypot(dx, dy) <= radius) & np.isfinite(v) & np.isfinite(s) & (s > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(inside, v / np.where(s > 0, s, 1.0), np.inf)
+    n = len(np.atleast_1d(x))
+    out = z.reshape(n, -1).min(axis=1)
+    return np.where(np.isfinite(out), out, 0.0)
+
+
+def edge_flag(x: np.ndarray, y: np.ndarray, nx: int, ny: int, fraction: float, min_px: float) -> np.ndarray:
+    """True within ``max(fraction x size, min_px)`` of the border (0-based positions)."""
+    mx = max(fraction * nx, min_px)
+    my = max(fraction * ny, min_px)
+    return (x < mx) | (x > nx - 1 - mx) | (y < my) | (y > ny - 1 - my)
+
+
+def opposite_counterpart(x: np.ndarray, y: np.ndarray, sign: np.ndarray, radius_px: float) -> np.ndarray:
+    """True where a detection of the opposite sign lies within ``radius_px``."""
+    from scipy.spatial import cKDTree
+
+    out = np.zeros(len(x), bool)
+    for sgn in (1, -1):
+        me = np.flatnonzero(sign == sgn)
+        other = np.flatnonzero(sign == -sgn)
+        if len(me) == 0 or len(other) == 0:
+            continue
+        tree = cKDTree(np.column_stack([x[other], y[other]]))
+        d, _ = tree.query(np.column_stack([x[me], y[me]]), k=1, distance_upper_bound=radius_px)
+        out[me] = np.isfinite(d)
+    return out
+
+
+# ----------------------------------------------------------------------- flags
+def vetting_flags(cat: dict[str, np.ndarray], *, seeing_arcsec: float, peeing_px: float, ellip: float,
+                  pixscale: float, nx: int, ny: int, params: TransientParams, conc_star: float | None,
+                  conc_mad: float | None) -> dict[str, np.ndarray]:
+    """The flag columns from the per-detection measurements in ``cat``.
+
+    ``cat`` holds arrays: ``x``, ``y`` (0-based), ``sign``, ``snr_psf``, ``ELLIPTICITY``,
+    ``FWHM_IMAGE``, ``FLAGS``, ``BACKGROUND``, ``sigma_local``, ``conc``, ``conc_err``,
+    ``dipole_frac``, ``masked``, ``in_footprint``, ``ref_min_sig``.
+    """
+    n = len(cat["x"])
+    f: dict[str, np.ndarray] = {}
+    f["flag_inv_diff"] = opposite_counterpart(cat["x"], cat["y"], cat["sign"], seeing_arcsec / pixscale)
+    f["flag_inv_ref"] = (cat["sign"] > 0) & (cat["ref_min_sig"] < -5.0)
+    f["flag_edge"] = edge_flag(cat["x"], cat["y"], nx, ny, params.edge_fraction, 2 * peeing_px)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f["flag_faint"] = ~(cat["snr_psf"] >= params.snr_min)
+        el = np.asarray(cat["ELLIPTICITY"], float)
+        snr = np.abs(np.asarray(cat["snr_psf"], float))
+        noise_allow = 2.5 / np.where(snr > 0, snr, np.inf)          # shape noise of faint sources
+        f["flag_ellip"] = (el / max(ellip, 0.01) > 5) & (el > 0.3 + noise_allow)
+        f["flag_sexflags"] = np.asarray(cat["FLAGS"]) > 4
+        rs = np.asarray(cat["FWHM_IMAGE"], float) / peeing_px
+        f["flag_seeing"] = (rs > 3 * (1 + noise_allow)) | (rs < 0.5)
+        f["flag_background"] = np.abs(cat["BACKGROUND"]) > 2 * cat["sigma_local"]
+        if conc_star is not None and np.isfinite(conc_star):
+            tol = np.maximum(10 * (conc_mad or 0.0), 5 * np.nan_to_num(cat["conc_err"], nan=np.inf))
+            f["flag_concentration"] = np.abs(cat["conc"] - conc_star) > tol
+        else:
+            f["flag_concentration"] = np.zeros(n, bool)
+    f["flag_dipole"] = cat["dipole_frac"] > 0.3
+    f["flag_masked"] = np.asarray(cat["masked"], bool)
+    f["flag_footprint"] = ~np.asarray(cat["in_footprint"], bool)
+    return f
+
+
+def candidates(flags: dict[str, np.ndarray], moving: np.ndarray, rb: np.ndarray, rb_min: float) -> np.ndarray:
+    """True for detections with no veto flag (shape flags waived for moving objects) and a
+    real/bogus score of at least ``rb_min`` (waived for moving objects too)."""
+    n = len(moving)
+    veto = np.zeros(n, bool)
+    for name, f in flags.items():
+        if name in SHAPE_FLAGS:
+            veto |= f & ~moving
+        else:
+            veto |= f
+    return ~veto & ((rb >= rb_min) | moving)
+
+
+def labels(sign: np.ndarray, ref_snr: np.ndarray, moving: np.ndarray) -> np.ndarray:
+    """``moving``, ``fading`` (negative), ``brightening`` (positive with a reference source at
+    S/N >= 3) or ``new``."""
+    out = np.where(sign < 0, "fading", np.where(ref_snr >= 3, "brightening", "new")).astype("<U11")
+    out[moving] = "moving"
+    return out
+
+
+# ----------------------------------------------------------------------- moving objects
+@dataclass
+class SingleDetections:
+    """Detections of one single frame of the visit that have no reference-catalogue match."""
+
+    t: float          # mid-exposure (days, any origin common to the visit)
+    ra: np.ndarray
+    dec: np.ndarray
+    flux: np.ndarray | None = None   # calibrated flux (microjansky), APER_1
+    snr: np.ndarray | None = None    # its S/N
+
+
+def moving_objects(ra: np.ndarray, dec: np.ndarray, singles: list[SingleDetections], min_motion_arcsec: float,
+                   search_arcsec: float, flux: np.ndarray | None = None, sign: np.ndarray | None = None,
+                   snr_min: float = 5.0, seeing_arcsec: float = 2.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which detections move across the visit's single frames.
+
+    For every positive detection, the unmatched single-frame sources within ``search_arcsec``
+    with S/N >= ``snr_min`` and (when fluxes are given) a flux within a factor 3 of the
+    detection's are taken, one per frame (the nearest); with three or more frames a straight
+    line in time is fitted to their positions. A detection is moving when the fitted path is
+    longer than ``min_motion_arcsec`` and than 6 sigma of its own error over the visit (a
+    position error of SEEING / (S/N) per axis and frame, conservative for isophotal centroids),
+    the positions lie on the line (rms < 0.5 arcsec) and the line passes through the detection
+    (the stack shows the mean position).
+
+    Returns
+    -------
+    moving : bool array
+    rate : float array
+        Motion (arcsec/hour), NaN where not measured.
+    pa : float array
+        Direction of motion (deg from north through east), NaN where not measured.
+    """
+    n = len(ra)
+    moving = np.zeros(n, bool)
+    rate = np.full(n, np.nan)
+    pa = np.full(n, np.nan)
+    usable = [s for s in singles if len(s.ra)]
+    if n == 0 or len(usable) < 3:
+        return moving, rate, pa
+    tmean = np.mean([s.t for s in usable])
+    span = (max(s.t for s in usable) - min(s.t for s in usable)) * 24.0  # hours
+    if span <= 0:
+        return moving, rate, pa
+    cosd = np.cos(np.deg2rad(dec))
+    for i in range(n):
+        if sign is not None and sign[i] <= 0:
+            continue
+        pts = []
+        for s in usable:
+            de = (s.ra - ra[i]) * cosd[i] * 3600.0
+            dn = (s.dec - dec[i]) * 3600.0
+            d = np.hypot(de, dn)
+            ok = d <= search_arcsec
+            if s.snr is not None:
+                ok &= np.asarray(s.snr) >= snr_min
+            if s.flux is not None and flux is not None and np.isfinite(flux[i]) and flux[i] > 0:
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    ratio = np.asarray(s.flux) / flux[i]
+                ok &= (ratio > 1 / 3) & (ratio < 3)
+            if not ok.any():
+                continue
+            j = int(np.flatnonzero(ok)[np.argmin(d[ok])])
+            snr_j = float(s.snr[j]) if s.snr is not None else 10.0
+            pts.append((s.t - tmean, de[j], dn[j], seeing_arcsec / max(snr_j, 1.0)))
+        if len(pts) < 3:
+            continue
+        p = np.array(pts)
+        t = p[:, 0] * 24.0
+        a = np.column_stack([np.ones_like(t), t])
+        coef_e, *_ = np.linalg.lstsq(a, p[:, 1], rcond=None)
+        coef_n, *_ = np.linalg.lstsq(a, p[:, 2], rcond=None)
+        resid = np.hypot(p[:, 1] - a @ coef_e, p[:, 2] - a @ coef_n)
+        v = np.hypot(coef_e[1], coef_n[1])
+        # error of the path length: sigma_pos x span / sqrt(sum (t - mean t)^2) per axis
+        sig_path = float(np.median(p[:, 3])) * (t.max() - t.min()) / np.sqrt(((t - t.mean()) ** 2).sum())
+        if v * span >= max(min_motion_arcsec, 6 * sig_path) and np.sqrt(np.mean(resid**2)) < 0.5 and np.hypot(coef_e[0], coef_n[0]) < 1.5:
+            moving[i] = True
+            rate[i] = v
+            pa[i] = np.rad2deg(np.arctan2(coef_e[1], coef_n[1])) % 360.0
+    return moving, rate, pa

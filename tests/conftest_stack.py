@@ -261,27 +261,42 @@ class SimFrame:
     visit: int               # the simulator's visit index
 
 
-def simulate_fixed_targets(outdir: Path, night: str, seed: int, radec: list[tuple[float, float]] | None = None,
-                           **kw) -> Path:
-    """``gppy.sim.simulate`` with the targets' centres forced to ``radec`` (the simulator
-    places targets near the meridian of each night; a deep stack needs the same field on
-    several nights). Returns the path.json."""
+def simulate_fixed_targets(outdir: Path, night: str, seed: int, fixed: list[dict] | None = None,
+                           sky_seed: int | None = None, **kw) -> Path:
+    """``gppy.sim.simulate`` of one night whose targets are forced to ``fixed`` (dicts
+    ``name``, ``ra``, ``dec``, ``tile`` as in truth/night.json) and whose star fields are drawn
+    with ``sky_seed``.
+
+    The simulator places each night's targets near that night's meridian and draws tiles,
+    stars and noise from one seed; a deep stack needs the same field and the same stars on
+    several nights with independent noise, hence different ``seed`` and a common ``sky_seed``.
+    Returns the path.json.
+    """
     import gppy.sim.night as sim_night
 
-    original = sim_night.make_plan
+    original_plan, original_field = sim_night.make_plan, sim_night.make_starfield
 
     def make_plan(*args, **kwargs):
-        plan = original(*args, **kwargs)
-        if radec is not None:
-            for tg, (ra, dec) in zip(plan.targets, radec, strict=False):
-                tg.ra, tg.dec = float(ra), float(dec)
+        plan = original_plan(*args, **kwargs)
+        for k, (tg, target) in enumerate(zip(plan.targets, fixed or [], strict=False)):
+            tg.name, tg.ra, tg.dec = target["name"], float(target["ra"]), float(target["dec"])
+            tg.tile_id = int(target["name"][1:]) if target.get("tile") else None
+            for spec in plan.frames:
+                if spec.target == k:
+                    spec.obj = target["name"]
         return plan
 
-    sim_night.make_plan = make_plan
+    def make_starfield(ra0, dec0, hw, hh, density, rng, **kwargs):
+        if sky_seed is not None:
+            k = int(kwargs.get("id_base", 0) // 10**15)
+            rng = np.random.default_rng([sky_seed, 4, k])
+        return original_field(ra0, dec0, hw, hh, density, rng, **kwargs)
+
+    sim_night.make_plan, sim_night.make_starfield = make_plan, make_starfield
     try:
         return sim_night.simulate(outdir, night=night, seed=seed, **kw)
     finally:
-        sim_night.make_plan = original
+        sim_night.make_plan, sim_night.make_starfield = original_plan, original_field
 
 
 def calibrate_sim_night(path_json: Path, processed: Path | None = None) -> list[SimFrame]:
@@ -384,3 +399,50 @@ def covered_by_all(calib_paths, ra, dec, r: float) -> np.ndarray:
             elif mask[i - half:i + half + 1, j - half:j + half + 1].any():
                 ok[k] = False
     return ok
+
+
+def trail_distance(frame, ra, dec):
+    """Distance (px, in that frame) of positions from the frame's satellite trail (inf if none)."""
+    tr = frame.truth.get("trail")
+    if not tr:
+        return np.full(len(ra), np.inf)
+    x, y = WCS(frame.header).all_world2pix(np.asarray(ra), np.asarray(dec), 0)
+    pts = [v for k, v in tr.items() if isinstance(v, list) and len(v) == 2 and k.startswith("p")]
+    (x1, y1), (x2, y2) = pts[:2]
+    return np.abs((x2 - x1) * (y1 - y) - (x1 - x) * (y2 - y1)) / np.hypot(x2 - x1, y2 - y1)
+
+
+def measure_sim_stars(frames, result, r: float = 10.0):
+    """Stack aperture fluxes of the reference frame's stars against the truth in stack units,
+    corrected by the enclosed fraction of the true PSFs mixed with the stack's weights."""
+    img, h = fits.getdata(result.path), fits.getheader(result.path)
+    w = fits.getdata(result.weight_path)
+    st0 = frames[0].stars  # the reference (first) frame defines the units
+    x, y = WCS(h).all_world2pix(st0["ra"], st0["dec"], 0)
+    total = 10 ** (-0.4 * (np.asarray(st0["mag"]) - h["STKZP"]))
+    n = len(frames)
+    factors = np.array([h[f"FSCL{i + 1:03d}"] for i in range(n)])
+    typical = []
+    for f in frames:
+        wi = fits.getdata(f.calib.with_name(f.calib.name[:-5] + ".weight.fits"))
+        typical.append(np.median(wi[wi > 0]))
+    share = np.array(typical) / factors**2
+    share /= share.sum()
+    enclosed = np.zeros(len(st0))
+    for a, f in zip(share, frames, strict=True):
+        fwhm = dict(zip(f.stars["source_id"], f.stars["fwhm_arcsec"], strict=True))
+        fw = np.array([fwhm.get(s, np.nan) for s in st0["source_id"]]) / 0.505
+        enclosed += a * moffat_enclosed(r, fw, f.truth["psf"]["beta"])
+    expected = total * enclosed
+    s, pred, ok = aperture_sums(img, x, y, r, r + 6, r + 20, w)
+    # isolated: all other stars within r + 25 px sum to < 0.5 % of the star (they would bias
+    # the annulus by < 0.1 % of its flux)
+    d = np.hypot(x[:, None] - x[None, :], y[:, None] - y[None, :])
+    np.fill_diagonal(d, np.inf)
+    isolated = np.array([total[d[k] < r + 25].sum() < 0.005 * total[k] for k in range(len(total))])
+    off_trail = np.all([trail_distance(f, st0["ra"], st0["dec"]) > r + 30 for f in frames], axis=0)
+    unsaturated = np.asarray(st0["saturated"]) == 0
+    clean = ok & isolated & off_trail & unsaturated & np.isfinite(expected)
+    clean &= covered_by_all([f.calib for f in frames], st0["ra"], st0["dec"], r + 6)
+    err = np.sqrt(pred + expected / h["EGAIN"])
+    return s, expected, err, clean, h

@@ -27,14 +27,11 @@ from gppy_stack.service import StackService
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest_stack import (  # noqa: E402
-    aperture_sums,
     calibrate_sim_night,
-    covered_by_all,
-    moffat_enclosed,
+    measure_sim_stars,
     simulate_fixed_targets,
+    trail_distance,
 )
-
-APERTURE = 10.0  # px; the truth PSF gives the flux outside it
 
 
 @pytest.fixture(scope="module")
@@ -53,52 +50,6 @@ def night(tmp_path_factory):
                   "night_dir": truth["night_dir"], "visit": f"sim{v['index']}"}
         stacks[v["index"]] = (fs, svc.build_visit_stack(record, [str(f.calib) for f in fs]))
     return pj, truth, svc, stacks
-
-
-def trail_distance(frame, ra, dec):
-    """Distance (px, in that frame) of positions from the frame's satellite trail (inf if none)."""
-    tr = frame.truth.get("trail")
-    if not tr:
-        return np.full(len(ra), np.inf)
-    x, y = WCS(frame.header).all_world2pix(np.asarray(ra), np.asarray(dec), 0)
-    pts = [v for k, v in tr.items() if isinstance(v, list) and len(v) == 2 and k.startswith("p")]
-    (x1, y1), (x2, y2) = pts[:2]
-    return np.abs((x2 - x1) * (y1 - y) - (x1 - x) * (y2 - y1)) / np.hypot(x2 - x1, y2 - y1)
-
-
-def measure(frames, result, r=APERTURE):
-    """Stack aperture fluxes of the reference frame's stars against the truth in stack units,
-    corrected by the enclosed fraction of the true PSFs mixed with the stack's weights."""
-    img, h = fits.getdata(result.path), fits.getheader(result.path)
-    w = fits.getdata(result.weight_path)
-    st0 = frames[0].stars  # the reference (first) frame defines the units
-    x, y = WCS(h).all_world2pix(st0["ra"], st0["dec"], 0)
-    total = 10 ** (-0.4 * (np.asarray(st0["mag"]) - h["STKZP"]))
-    n = len(frames)
-    factors = np.array([h[f"FSCL{i + 1:03d}"] for i in range(n)])
-    typical = []
-    for f in frames:
-        wi = fits.getdata(f.calib.with_name(f.calib.name[:-5] + ".weight.fits"))
-        typical.append(np.median(wi[wi > 0]))
-    share = np.array(typical) / factors**2
-    share /= share.sum()
-    enclosed = np.zeros(len(st0))
-    for a, f in zip(share, frames, strict=True):
-        fwhm = dict(zip(f.stars["source_id"], f.stars["fwhm_arcsec"], strict=True))
-        fw = np.array([fwhm.get(s, np.nan) for s in st0["source_id"]]) / 0.505
-        enclosed += a * moffat_enclosed(r, fw, f.truth["psf"]["beta"])
-    expected = total * enclosed
-    s, pred, ok = aperture_sums(img, x, y, r, r + 6, r + 20, w)
-    # isolated: all other stars within r + 25 px sum to < 0.2 % of the star
-    d = np.hypot(x[:, None] - x[None, :], y[:, None] - y[None, :])
-    np.fill_diagonal(d, np.inf)
-    isolated = np.array([total[d[k] < r + 25].sum() < 0.002 * total[k] for k in range(len(total))])
-    off_trail = np.all([trail_distance(f, st0["ra"], st0["dec"]) > r + 30 for f in frames], axis=0)
-    unsaturated = np.asarray(st0["saturated"]) == 0
-    clean = ok & isolated & off_trail & unsaturated & np.isfinite(expected)
-    clean &= covered_by_all([f.calib for f in frames], st0["ra"], st0["dec"], r + 6)
-    err = np.sqrt(pred + expected / h["EGAIN"])
-    return s, expected, err, clean, h
 
 
 def test_every_simulated_visit_is_stacked_on_its_grid(night):
@@ -163,7 +114,7 @@ def test_star_fluxes_match_the_truth_in_stack_units(night):
     pj, truth, svc, stacks = night
     ratios, chis = [], []
     for _index, (frames, result) in stacks.items():
-        s, expected, err, clean, h = measure(frames, result)
+        s, expected, err, clean, h = measure_sim_stars(frames, result)
         assert h["STKZP"] == pytest.approx(frames[0].truth["zp_adu"])
         bright = clean & (err / expected < 0.0033)  # 3 sigma < 1 %
         ratios.append(s[bright] / expected[bright])

@@ -181,3 +181,9 @@ def test_upstream_outcomes_are_not_reported_as_new_failures(tmp_path):
                                   reason="visit B: no frame of it was processed successfully")) == []
     assert prog.complete() and prog.outcome() == ("done", "-")
     assert prog.counts()["stack"] == {"done": 1, "failed": 1}
+
+
+def test_summary_path_keeps_the_night_id(tmp_path):
+    assert endofnight.summary_path(tmp_path, "7DT01_2025-01-15_gain2750") == \
+        tmp_path / "nights" / "7DT01_2025-01-15_gain2750.json"
+    assert endofnight.summary_path(tmp_path, "7DT01_../../etc_x").parent == tmp_path / "nights"

@@ -111,7 +111,9 @@ def write_summary(dest: Path, summary: dict) -> Path:
 
 
 def summary_path(processed_root: Path, night_id: str) -> Path:
-    return Path(processed_root) / "nights" / f"{naming.sanitize(night_id, 'night')}.json"
+    """``<path_processed>/nights/<night_id>.json`` (each ``_``-separated field sanitised)."""
+    safe = "_".join(naming.sanitize(p, "night id") for p in night_id.split("_") if p.strip())
+    return Path(processed_root) / "nights" / f"{safe}.json"
 
 
 def remove_scratch(scratch_root: Path, unit: str, night_dir: str) -> Path | None:

@@ -17,4 +17,11 @@ while [ $# -gt 0 ]; do
   if [ "$1" = "--" ]; then shift; break; fi
   services+=("$1"); shift
 done
+# A stage built alone needs the base image of the same tag: build it first when it is missing.
+base="${GPPY_IMAGE_PREFIX:-gppy-}base:${GPPY_TAG:-latest}"
+if [ ${#services[@]} -gt 0 ] && [[ " ${services[*]} " != *" nats "* ]] \
+   && ! docker image inspect "$base" >/dev/null 2>&1; then
+  services=(nats "${services[@]}")
+fi
+export COMPOSE_BAKE="${COMPOSE_BAKE:-false}"   # no buildx plugin needed: Compose's own builder
 exec docker compose "${COMPOSE_FILES[@]}" build "$@" "${services[@]}"

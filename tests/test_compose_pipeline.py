@@ -71,7 +71,8 @@ def pipeline(tmp_path_factory):
     require_engine()
     remove_stale_projects()
     t0 = time.monotonic()
-    seconds = build_images()
+    built_with = image_env()
+    seconds = build_images(extra_env={k: built_with[k] for k in ("GPPY_VERSION", "GPPY_REVISION")})
     print(f"image build (base + 6 stages): {seconds:.1f} s")
     data = make_data_root()
     config = simulate(data, NIGHT1)
@@ -80,6 +81,7 @@ def pipeline(tmp_path_factory):
     config.write_text(json.dumps(cfg, indent=1))
     chown_tree(data)
     stack = ComposeStack(data)
+    stack.built_with = built_with
     logs = tmp_path_factory.mktemp("compose-logs") / "pipeline-stack.log"
     try:
         stack.up()
@@ -211,7 +213,7 @@ def test_service_becomes_healthy(pipeline, service):
 
 
 def test_images_are_labelled_and_run_locked_down(pipeline):
-    env = image_env()
+    env = pipeline.built_with  # the version and revision the images were built from
     pipeline.wait_healthy(["nats"], timeout=120)
     base_layers = set(pipeline.inspect(f"gppy-base:{TAG}")["RootFS"]["Layers"])
     for service in STAGES:

@@ -88,3 +88,60 @@ def bad_box_mask(shape: tuple[int, int], box: tuple[int, int, int, int]) -> np.n
     y0, y1, x0, x1 = box
     m[y0:y1, x0:x1] = int(MaskBit.BAD)
     return m
+
+
+# ------------------------------------------------------------------ simulator frames
+SIM_MASK_BITS = {1: MaskBit.COSMIC_RAY, 2: MaskBit.TRAIL, 4: MaskBit.SATURATED, 8: MaskBit.BAD, 16: MaskBit.BAD}
+
+
+def calibrate_sim_frame(raw_path: Path, truth_dir: Path, out_dir: Path, saturate: float = 60000.0
+                        ) -> tuple[Path, Path, Path, dict]:
+    """A raw frame of :func:`gppy.sim.simulate` calibrated and solved with the simulator's own
+    truth (true bias, dark current and flat; the true TPV WCS; the true mask), written as the
+    astrometry stage leaves a frame (image, weight, mask). Returns the paths and the frame truth.
+
+    The stages before photometry are being written in parallel; this gives the phot stage the
+    frames they will give it, without depending on them.
+    """
+    import json
+
+    from gppy.naming import calib_name
+
+    raw_path = Path(raw_path)
+    tstem = raw_path.name[:-5]
+    truth = json.loads((truth_dir / "frames" / f"{tstem}.json").read_text())
+    with fits.open(raw_path) as hdul:
+        raw = hdul[0].data.astype(np.float64)
+        head = hdul[0].header.copy()
+    bias = fits.getdata(truth_dir / "calib" / "bias.fits").astype(np.float64)
+    dark = fits.getdata(truth_dir / "calib" / "dark_current.fits").astype(np.float64)
+    flat = fits.getdata(truth_dir / "calib" / f"flat_{head['FILTER']}.fits").astype(np.float64)
+    gain = float(head["EGAIN"])
+    t = float(head["EXPTIME"])
+    cal = (raw - bias - truth["bias_offset_adu"] - dark * t / gain) / flat
+    with fits.open(truth_dir / "frames" / f"{tstem}.mask.fits") as mh:
+        tm = np.asarray(mh[1].data).astype(np.uint16)
+    mask = np.zeros(cal.shape, np.uint16)
+    for bit, mb in SIM_MASK_BITS.items():
+        mask[(tm & bit) != 0] |= int(mb)
+    sky = float(np.median(cal))
+    rn = float(truth["read_noise_adu"])
+    var = (np.clip(sky * flat, 0, None) / gain + rn**2) / flat**2
+    weight = np.where(mask == 0, 1.0 / var, 0.0).astype(np.float32)
+    wcs_head = fits.Header.fromstring(truth["wcs_header"], sep="\n")
+    out = fits.Header()
+    for key in ("OBJECT", "FILTER", "DATE-OBS", "EXPTIME", "EGAIN", "GAIN", "TELESCOP", "AIRMASS", "JD", "MJD"):
+        if key in head:
+            out[key] = head[key]
+    out["SATURATE"] = (saturate, "[ADU] calibrated")
+    out.update(wcs_head)
+    unit = str(head["TELESCOP"]).strip()
+    name = calib_name(unit, head["OBJECT"], head["DATE-OBS"], head["FILTER"], t)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    fits.writeto(path, cal.astype(np.float32), out, overwrite=True)
+    wpath = path.with_name(name[:-5] + ".weight.fits")
+    mpath = path.with_name(name[:-5] + ".mask.fits")
+    fits.writeto(wpath, weight, overwrite=True)
+    fits.writeto(mpath, mask, overwrite=True)
+    return path, wpath, mpath, truth

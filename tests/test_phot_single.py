@@ -130,7 +130,7 @@ def test_depth_matches_recovery_at_5_sigma(field, tmp_path):
     model = syn.noiseless_image(field)
     first = run_phot(tmp_path / "a", field, syn.add_noise(model, field.gain, field.rdnoise, rng))
     ul5 = first.depths["APER_1"][1]
-    assert first.noise["APER_1"] < 1.05  # white noise: no correlation found
+    assert first.noise["APER_1"] == 1.0  # a single frame: independent pixels
     # inject a grid of isolated sources at UL5_1 and UL5_1 - 0.75 away from the stars
     gx, gy = np.meshgrid(np.arange(40, 960, 46.0), np.arange(40, 960, 46.0))
     gx, gy = gx.ravel(), gy.ravel()
@@ -251,3 +251,30 @@ def test_bad_inputs_are_reported(field, tmp_path):
     far["dec"] = far["dec"] + 1.0
     with pytest.raises(BadInputError, match="reference star"):
         photometer(path, header, img, None, wpath, far, "r.csv", tmp_path / "w")
+
+
+def test_noise_correlation_of_resampled_noise():
+    """The aperture-noise ratio from the measured autocorrelation agrees with the scatter of
+    sums in random apertures for correlated noise, and is 1 for white noise."""
+    from scipy.ndimage import gaussian_filter
+
+    from gppy_phot import depth
+
+    rng = np.random.default_rng(9)
+    white = rng.normal(0, 1, (800, 800))
+    corr = gaussian_filter(white, 0.7)
+    corr /= corr.std()
+    for img, expect_white in ((white, True), (corr, False)):
+        rho = depth.noise_correlation(img, None)
+        for d in (6.0, 12.0):
+            f = depth.correlation_noise_ratio(rho, d)
+            # truth: the scatter of sums in many disjoint apertures
+            r = d / 2
+            yy, xx = np.mgrid[-8:9, -8:9]
+            disk = np.hypot(xx, yy) <= r
+            sums = [img[y - 8:y + 9, x - 8:x + 9][disk].sum() for y in range(20, 780, 19) for x in range(20, 780, 19)]
+            truth = np.std(sums) / np.sqrt(disk.sum())
+            if expect_white:
+                assert f < 1.03
+            else:
+                assert abs(f / truth - 1) < 0.1, (d, f, truth)

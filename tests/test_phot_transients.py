@@ -115,7 +115,7 @@ def scene(tmp_path_factory):
                                      exptime=3 * EXPTIME, name=sname, mask=mask,
                                      extra_header={f"IMCMB{i + 1:03d}": s[0].name for i, s in enumerate(singles)})
     photometry_products(spath, swp, smp, OBJ, FILT, UNIT, paths.path_processed, paths.path_refcat, root / "scratch",
-                        params)
+                        params, kind="stack")
 
     # the reference: same PSF (perfectly matched), deeper; the fading star brighter; a dipole
     ref_model = syn.noiseless_image(fld, (np.array([fx]), np.array([fy]), np.array([f_ref])))

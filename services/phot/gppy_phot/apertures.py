@@ -39,13 +39,13 @@ class ApertureSet:
 
     def header_cards(self) -> list[tuple[str, float, str]]:
         """(key, value, comment) of v1's aperture header keys ``AUTO APER APER_1 ... APER_5``."""
-        notes = {"AUTO": "MAG_AUTO: Kron aperture (diameter 0 by convention)",
-                 "APER": "MAG_APER diameter (px): 2 x 0.6731 x PEEING",
-                 "APER_1": "MAG_APER_1 diameter (px): 2 x PEEING",
-                 "APER_2": "MAG_APER_2 diameter (px): 3 x PEEING",
-                 "APER_3": "MAG_APER_3 diameter (px): 3 arcsec",
-                 "APER_4": "MAG_APER_4 diameter (px): 5 arcsec",
-                 "APER_5": "MAG_APER_5 diameter (px): 10 arcsec"}
+        notes = {"AUTO": "MAG_AUTO: Kron aperture (0 by convention)",
+                 "APER": "[px] diameter: 2 x 0.6731 x PEEING",
+                 "APER_1": "[px] diameter: 2 x PEEING",
+                 "APER_2": "[px] diameter: 3 x PEEING",
+                 "APER_3": "[px] diameter: 3 arcsec",
+                 "APER_4": "[px] diameter: 5 arcsec",
+                 "APER_5": "[px] diameter: 10 arcsec"}
         return [(s, round(self.diameters[s], 3), notes[s]) for s in SUFFIXES]
 
 

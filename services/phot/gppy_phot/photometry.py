@@ -56,6 +56,10 @@ class PhotParams:
     backphoto_type: str = "GLOBAL"
     default_saturation: float = 60000.0
     refcat_name: str = "GaiaXP"
+    #: Measure the noise correlation (stacks: resampled, correlated pixels). A single frame is
+    #: never resampled, so its pixels are independent and the ratio is 1 by construction; the
+    #: measurement would only pick up the confusion of faint static stars.
+    measure_correlation: bool = False
 
 
 @dataclass
@@ -251,8 +255,11 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
 
     # 5. noise correlation (needs the pixels): aperture noise / white noise per aperture
     skysig = float(res.rms)
-    rho = depth.noise_correlation(data, mask != 0)
-    noise = {s: depth.correlation_noise_ratio(rho, aps.diameters[s]) for s in SUFFIXES[1:]}
+    if p.measure_correlation:
+        rho = depth.noise_correlation(data, mask != 0)
+        noise = {s: depth.correlation_noise_ratio(rho, aps.diameters[s]) for s in SUFFIXES[1:]}
+    else:
+        noise = {s: 1.0 for s in SUFFIXES[1:]}
 
     zps: dict[str, zeropoint.ZeroPoint] = {}
     calibrated: dict[str, dict[str, np.ndarray]] = {}

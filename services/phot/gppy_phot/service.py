@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import tempfile
 from pathlib import Path
@@ -80,7 +81,7 @@ def rewrite_with_header(path: Path, data: np.ndarray, header: fits.Header) -> No
 
 def photometry_products(image: Path, weight: Path | None, mask_path: Path | None, obj: str, filt: str,
                         unit: str, processed: Path, refcat_root: Path, scratch_root: Path,
-                        params: PhotParams) -> dict:
+                        params: PhotParams, kind: str = "single") -> dict:
     """Photometry of one image and its products; returns the figures for ``phot.done``.
 
     Raises
@@ -88,6 +89,7 @@ def photometry_products(image: Path, weight: Path | None, mask_path: Path | None
     BadInputError
         Missing or unusable image, reference catalogue or header keys.
     """
+    params = dataclasses.replace(params, measure_correlation=kind == "stack")
     data, header = read_image(image)
     mask = read_mask(mask_path)
     if mask is not None and mask.shape != data.shape:
@@ -155,7 +157,7 @@ class PhotService(StageService):
                 figures = photometry_products(
                     Path(path), Path(weight) if weight else None, Path(mask) if mask else None,
                     event.object, event.filter, event.unit, Path(self.paths.path_processed),
-                    Path(self.paths.path_refcat), self.scratch, self.params)
+                    Path(self.paths.path_refcat), self.scratch, self.params, kind)
         except (BadInputError, PermanentError) as exc:
             log.error("photometry of %s failed: %s", path, exc)
             return [self._done(event, path, kind, ok=False, reason=str(exc)), self.failed(event, str(exc), path)]

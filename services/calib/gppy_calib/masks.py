@@ -163,8 +163,8 @@ def cosmic_ray_candidates(xp: ModuleType, image, invar, inmask, threshold: float
 
 
 def cosmic_ray_mask(xp: ModuleType, image, variance, sky: float, inmask, gain: float, rdnoise_e: float,
-                    satlevel: float, fill=None, params: dict | None = None, tile: int = CR_TILE,
-                    pad: int = CR_PAD, workers: int = 2) -> np.ndarray:
+                    satlevel: float, fill=None, protect=None, params: dict | None = None,
+                    tile: int = CR_TILE, pad: int = CR_PAD, workers: int = 2) -> np.ndarray:
     """Cosmic rays on a reduced frame with astroscrappy (L.A.Cosmic), on candidate tiles.
 
     astroscrappy gets the full noise model as ``invar``: the background variance plus the
@@ -174,8 +174,9 @@ def cosmic_ray_mask(xp: ModuleType, image, variance, sky: float, inmask, gain: f
     (:func:`cosmic_ray_candidates`), each padded by ``pad`` pixels of context; only the
     tile's own pixels are kept from each run. Pixels of ``fill`` (bad, non-finite) take their
     nearest good neighbour's value before the run (astroscrappy's own ``inmask`` misses cosmic
-    rays next to a masked column); saturated pixels keep their values, so that astroscrappy's
-    ``satlevel`` protects saturated stars. Pixels of ``inmask`` are never flagged.
+    rays next to a masked column); pixels of ``protect`` (saturated) go to astroscrappy's
+    ``inmask``, which keeps the cores of saturated stars from producing false detections.
+    Pixels of ``inmask`` are never flagged.
 
     Parameters
     ----------
@@ -196,6 +197,8 @@ def cosmic_ray_mask(xp: ModuleType, image, variance, sky: float, inmask, gain: f
         Saturation level of ``image``, ADU.
     fill : array of bool, optional
         Pixels whose values are not data (bad, non-finite); default ``inmask``.
+    protect : array of bool, optional
+        Pixels handed to astroscrappy as its ``inmask`` (saturated); default none.
     params : dict, optional
         Overrides of :data:`CR_PARAMS`.
 
@@ -218,6 +221,7 @@ def cosmic_ray_mask(xp: ModuleType, image, variance, sky: float, inmask, gain: f
     data = np.pad(np.asarray(to_host(img), dtype=np.float32), pad, mode="reflect")
     var = np.pad(np.asarray(to_host(invar), dtype=np.float32), pad, mode="reflect")
     mask = np.pad(np.asarray(to_host(fill), dtype=bool), pad, mode="reflect")
+    prot = None if protect is None else np.pad(np.asarray(to_host(protect), dtype=bool), pad, mode="reflect")
     ny, nx = cand.shape
     ty, tx = -(-ny // tile), -(-nx // tile)
     padded = np.zeros((ty * tile, tx * tile), dtype=bool)
@@ -238,8 +242,9 @@ def cosmic_ray_mask(xp: ModuleType, image, variance, sky: float, inmask, gain: f
             # own inmask misses cosmic rays next to a masked (bad) column
             iy, ix = ndimage.distance_transform_edt(sub_mask, return_distances=False, return_indices=True)
             sub, sub_var = sub[iy, ix], sub_var[iy, ix]
+        extra = {} if prot is None or not prot[sl].any() else {"inmask": np.ascontiguousarray(prot[sl])}
         cr, _ = astroscrappy.detect_cosmics(np.ascontiguousarray(sub), invar=np.ascontiguousarray(sub_var),
-                                            gain=float(gain), readnoise=float(rdnoise_e),
+                                            **extra, gain=float(gain), readnoise=float(rdnoise_e),
                                             satlevel=float(satlevel), sepmed=True, cleantype="meanmask",
                                             fsmode="median", verbose=False, **kw)
         out[y0:y1, x0:x1] = cr[pad:pad + y1 - y0, pad:pad + x1 - x0]

@@ -490,7 +490,9 @@ class NightCalibrator:
         trail_list: list = []
         if self.settings.cosmic_rays:
             notdata = (mask & int(MaskBit.BAD | MaskBit.NONFINITE | MaskBit.EDGE)) != 0
-            cr = masks.cosmic_ray_mask(xp, red, var, sky, mask != 0, egain, rn_adu * gain, sat_red, fill=notdata)
+            saturated = (mask & int(MaskBit.SATURATED)) != 0
+            cr = masks.cosmic_ray_mask(xp, red, var, sky, mask != 0, egain, rn_adu * gain, sat_red, fill=notdata,
+                                       protect=saturated)
             ncr = int(cr.sum())
             mask = mask | xp.asarray(np.where(cr, np.uint16(int(MaskBit.COSMIC_RAY)), np.uint16(0)))
         if self.settings.satellite_trails:

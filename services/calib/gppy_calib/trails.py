@@ -11,8 +11,8 @@ Steps, for a reduced frame, its background noise and the pixels already masked:
    ratio of the principal axes at least ``ELONGATION``).
 4. Hough transform of what is left (``NTHETA`` angles over 180 deg, 1-binned-px distance
    bins); the strongest line must collect at least ``MIN_LENGTH / BIN`` votes.
-5. Refine the line on the full-resolution S/N image (signal centroids across the line in
-   128-px pieces, fitted with a straight line), then check it: the median S/N profile across
+5. Refine the line on the full-resolution S/N image (centroids of the median profile across
+   the line in 128-px pieces, fitted with a clipped straight line), then check it: the median S/N profile across
    the line (along-line median at each perpendicular offset) must peak above ``PROFILE_SNR``
    within ``SEARCH_HALF`` px; the mask half-width is the farthest offset from the peak where
    the profile is still above ``min(EDGE_SNR, EDGE_FRACTION * peak)``, plus ``MARGIN`` px.
@@ -40,7 +40,7 @@ SEARCH_HALF = 6.0
 PROFILE_SNR = 0.6
 EDGE_SNR = 1.0
 EDGE_FRACTION = 0.25
-MARGIN = 1.0
+MARGIN = 0.5
 MAX_TRAILS = 3
 STRIP_HALF = 25
 
@@ -174,31 +174,48 @@ def _strip(shape: tuple[int, int], theta: float, rho: float, half: float):
     return Y[sel], X[sel], d[sel], t[sel]
 
 
-def _refine(snr: np.ndarray, theta: float, rho: float, iters: int = 2) -> tuple[float, float]:
+def _refine(snr: np.ndarray, theta: float, rho: float, iters: int = 3) -> tuple[float, float]:
     """Sharpen a Hough line (binned, ~0.25 deg) on the full-resolution S/N image.
 
-    In 128-px pieces along the line, the signal-weighted centroid of the perpendicular offset
-    (within ``SEARCH_HALF + 2`` px) is measured; a straight-line fit ``d = a + b t`` of those
-    centroids gives the corrected line: ``theta' = theta - atan(b)``, ``rho' = (rho + a) cos(atan(b))``.
+    In 128-px pieces along the line, the median S/N across the line is taken at each
+    1-px offset (the median ignores stars on the way) and its centroid (positive part within
+    ``SEARCH_HALF + 2`` px) gives the trail's offset there; a straight-line fit ``d = a + b t``
+    of those offsets, with 3-sigma clipping, gives the corrected line:
+    ``theta' = theta - atan(b)``, ``rho' = (rho + a) cos(atan(b))``.
     """
     half = SEARCH_HALF + 2.0
+    edges = np.arange(-half, half + 1.0)
     for _ in range(iters):
         ys, xs, d, t = _strip(snr.shape, theta, rho, half)
         if ys.size < 50:
             break
-        v = np.maximum(snr[ys, xs], 0.0)
+        v = snr[ys, xs]
         piece = np.floor((t - t.min()) / 128.0).astype(np.int64)
-        n = int(piece.max()) + 1
-        sw = np.bincount(piece, weights=v, minlength=n)
-        swd = np.bincount(piece, weights=v * d, minlength=n)
-        cnt = np.bincount(piece, minlength=n)
-        swt = np.bincount(piece, weights=t, minlength=n)
-        ok = (cnt > 0) & (sw > 3.0 * np.sqrt(np.maximum(cnt, 1)))
-        if ok.sum() < 2:
+        ob = np.clip(np.rint(d - edges[0]).astype(np.int64), 0, edges.size - 1)
+        tc, dc = [], []
+        for k in range(int(piece.max()) + 1):
+            sel = piece == k
+            if sel.sum() < 10 * edges.size:
+                continue
+            prof = np.array([np.median(v[sel][ob[sel] == j]) if np.any(ob[sel] == j) else 0.0
+                             for j in range(edges.size)])
+            prof = np.maximum(prof - np.median(prof), 0.0)
+            if prof.sum() <= 0 or prof.max() < 1.0:
+                continue
+            tc.append(float(t[sel].mean()))
+            dc.append(float((prof * edges).sum() / prof.sum()))
+        if len(tc) < 3:
             break
-        tc = swt[ok] / cnt[ok]
-        dc = swd[ok] / sw[ok]
-        b, a = np.polyfit(tc, dc, 1, w=np.sqrt(sw[ok]))
+        tc_a, dc_a = np.array(tc), np.array(dc)
+        keep = np.ones(tc_a.size, bool)
+        for _clip in range(3):
+            b, a = np.polyfit(tc_a[keep], dc_a[keep], 1)
+            res = dc_a - (a + b * tc_a)
+            scale = 1.4826 * np.median(np.abs(res[keep])) + 0.1
+            new = np.abs(res) <= 3 * scale
+            if new.sum() < 3 or (new == keep).all():
+                break
+            keep = new
         delta = float(np.arctan(b))
         theta, rho = theta - delta, (rho + float(a)) * float(np.cos(delta))
     return theta, rho
@@ -211,12 +228,13 @@ def _measure(snr: np.ndarray, theta: float, rho: float) -> Trail | None:
     if ys.size == 0:
         return None
     vals = snr[ys, xs]
-    off = np.rint(d).astype(np.int64)
+    # median profile across the line in half-pixel bins of the perpendicular offset
+    off = np.rint(2.0 * d).astype(np.int64)
     prof = {}
-    for o in range(-STRIP_HALF, STRIP_HALF + 1):
+    for o in range(-2 * STRIP_HALF, 2 * STRIP_HALF + 1):
         sel = off == o
         if sel.sum() > 20:
-            prof[o] = float(np.median(vals[sel]))
+            prof[o / 2.0] = float(np.median(vals[sel]))
     if not prof:
         return None
     offsets = np.array(sorted(prof))
@@ -229,7 +247,7 @@ def _measure(snr: np.ndarray, theta: float, rho: float) -> Trail | None:
     if not inner.any():
         return None
     ipk = int(np.argmax(np.where(inner, p, -np.inf)))
-    peak, centre = float(p[ipk]), int(offsets[ipk])
+    peak, centre = float(p[ipk]), float(offsets[ipk])
     if peak < PROFILE_SNR:
         return None
     # half width: farthest contiguous offset from the peak still above the edge level

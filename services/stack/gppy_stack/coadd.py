@@ -144,31 +144,35 @@ def _link(target: Path, link: Path) -> Path:
     return link
 
 
-def _consistent_weight(inp: StackInput, dest: Path) -> tuple[Path, np.ndarray | None]:
-    """The weight map to give SWarp (at ``dest``), zero wherever the mask is set; and the mask.
+def _read_mask(path: Path) -> np.ndarray:
+    with fits.open(path, memmap=False) as mh:
+        return np.asarray(mh[0].data).astype(np.uint16, copy=False)
+
+
+def _consistent_weight(inp: StackInput, dest: Path) -> Path:
+    """The weight map to give SWarp (at ``dest``), zero wherever the mask is set.
 
     The calibration stage's contract is that weights are already 0 where the mask is set;
     if an input breaks it, a corrected copy is written into the scratch folder (the input
     itself is never modified). Otherwise ``dest`` is a link to the input's weight map.
     """
     if inp.mask_path is None:
-        return _link(inp.weight_path, dest), None
-    with fits.open(inp.mask_path, memmap=False) as mh:
-        mask = np.asarray(mh[0].data).astype(np.uint16, copy=False)
+        return _link(inp.weight_path, dest)
+    mask = _read_mask(inp.mask_path)
     with fits.open(inp.weight_path, memmap=True) as wh:
         weight = wh[0].data
         if weight.shape != mask.shape:
             raise BadInputError(inp.mask_path, f"mask shape {mask.shape} differs from the weight's {weight.shape}")
         masked = mask != 0
         if not np.any(weight[masked] > 0):
-            return _link(inp.weight_path, dest), mask
+            return _link(inp.weight_path, dest)
         fixed = np.array(weight, dtype=np.float32)
     fixed[masked] = 0.0
     log.warning("%s: weight map not zero where masked; using a corrected copy", inp.path.name)
     if dest.is_symlink():
         dest.unlink()
     write_fits(dest, fixed)
-    return dest, mask
+    return dest
 
 
 def make_stack(paths: Sequence[str | Path], dest: Path, grid: fits.Header, *, settings_for_hash: dict,
@@ -233,12 +237,9 @@ def make_stack(paths: Sequence[str | Path], dest: Path, grid: fits.Header, *, se
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         links, weights = [], []
-        masks: list[np.ndarray | None] = []
         for k, inp in enumerate(used):
             links.append(_link(inp.path, run_dir / f"i{k}.fits"))
-            wpath, mask = _consistent_weight(inp, run_dir / f"i{k}.weight.fits")
-            weights.append(wpath)
-            masks.append(mask)
+            weights.append(_consistent_weight(inp, run_dir / f"i{k}.weight.fits"))
         tmp_image = run_dir / "o.fits"
         tmp_weight = run_dir / "o.weight.fits"
         try:
@@ -258,9 +259,12 @@ def make_stack(paths: Sequence[str | Path], dest: Path, grid: fits.Header, *, se
 
         out_wcs = WCS(grid, naxis=2)
         carried = np.zeros(image.shape, dtype=np.uint16)
-        for inp, mask in zip(used, masks, strict=True):
-            if mask is not None and mask.any():
-                maskmap.project_mask_bits(mask, _celestial_wcs(inp.header, inp.path), out_wcs, carried)
+        for inp in used:  # one input mask in memory at a time
+            if inp.mask_path is not None:
+                mask = _read_mask(inp.mask_path)
+                if mask.any():
+                    maskmap.project_mask_bits(mask, _celestial_wcs(inp.header, inp.path), out_wcs, carried)
+                del mask
         mask_out = maskmap.stack_mask(weight, carried, options.kernel_radius)
         del carried
 

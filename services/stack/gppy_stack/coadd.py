@@ -175,6 +175,57 @@ def _consistent_weight(inp: StackInput, dest: Path) -> Path:
     return dest
 
 
+def _swarp_in_chunks(links: list[Path], weights: list[Path], used: list[StackInput], factors: list[float],
+                     grid: fits.Header, run_dir: Path, workdir: Path,
+                     options: SwarpOptions) -> tuple[np.ndarray, np.ndarray, fits.Header]:
+    """Run SWarp on at most ``options.max_inputs_per_run`` inputs at a time and combine.
+
+    SWarp keeps every resampled input (image and weight, each about the size of a frame) in
+    its resample folder until it combines them, so a deep stack of many full-size frames would
+    need tens of GB of scratch space. The inverse-variance weighted mean is associative: each
+    chunk's coadd ``S_k`` with weight ``W_k`` combines exactly as ``sum W_k S_k / sum W_k``,
+    with weight ``sum W_k``. Returns the image and weight (0 where no data) and the first
+    run's SWarp header (with SWarp's GAIN only when there was a single run).
+    """
+    size = max(1, int(options.max_inputs_per_run))
+    chunks = [list(range(i, min(i + size, len(used)))) for i in range(0, len(used), size)]
+    num = den = None
+    swarp_header = fits.Header()
+    for j, idx in enumerate(chunks):
+        sub = run_dir / f"c{j}"
+        img_j, w_j = sub / "o.fits", sub / "o.weight.fits"
+        try:
+            run_swarp([links[i] for i in idx], [weights[i] for i in idx], grid=grid, imageout=img_j,
+                      weightout=w_j, workdir=sub, fscales=[factors[i] for i in idx],
+                      gains=[used[i].egain for i in idx], saturates=[used[i].saturate for i in idx],
+                      options=options)
+        except ValueError as exc:
+            raise PermanentError(f"scratch folder {workdir}: {exc}") from exc
+        with fits.open(img_j, memmap=False) as ih:
+            image = np.asarray(ih[0].data, dtype=np.float32)
+            if j == 0:
+                swarp_header = ih[0].header.copy()
+        with fits.open(w_j, memmap=False) as wh:
+            weight = np.asarray(wh[0].data, dtype=np.float32)
+        bad = ~np.isfinite(image) | ~np.isfinite(weight) | (weight <= 0)
+        image[bad] = 0.0
+        weight[bad] = 0.0
+        shutil.rmtree(sub, ignore_errors=True)
+        if len(chunks) == 1:
+            return image, weight, swarp_header
+        if num is None:
+            num = np.zeros(image.shape, np.float64)
+            den = np.zeros(image.shape, np.float64)
+        num += weight.astype(np.float64) * image
+        den += weight
+        del image, weight
+    swarp_header.remove("GAIN", ignore_missing=True)
+    good = den > 0
+    image = np.zeros(den.shape, np.float32)
+    image[good] = (num[good] / den[good]).astype(np.float32)
+    return image, den.astype(np.float32), swarp_header
+
+
 def make_stack(paths: Sequence[str | Path], dest: Path, grid: fits.Header, *, settings_for_hash: dict,
                workdir: Path, options: SwarpOptions | None = None, default_saturate: float = 60000.0,
                visit: str = "", centre_source: str = "", tile: str = "",
@@ -240,22 +291,8 @@ def make_stack(paths: Sequence[str | Path], dest: Path, grid: fits.Header, *, se
         for k, inp in enumerate(used):
             links.append(_link(inp.path, run_dir / f"i{k}.fits"))
             weights.append(_consistent_weight(inp, run_dir / f"i{k}.weight.fits"))
-        tmp_image = run_dir / "o.fits"
-        tmp_weight = run_dir / "o.weight.fits"
-        try:
-            run_swarp(links, weights, grid=grid, imageout=tmp_image, weightout=tmp_weight,
-                      workdir=run_dir, fscales=factors, gains=[i.egain for i in used],
-                      saturates=[i.saturate for i in used], options=options)
-        except ValueError as exc:
-            raise PermanentError(f"scratch folder {workdir}: {exc}") from exc
-        with fits.open(tmp_image, memmap=False) as ih:
-            image = np.asarray(ih[0].data, dtype=np.float32)
-            swarp_header = ih[0].header.copy()
-        with fits.open(tmp_weight, memmap=False) as wh:
-            weight = np.asarray(wh[0].data, dtype=np.float32)
-        bad = ~np.isfinite(image) | ~np.isfinite(weight) | (weight <= 0)
-        image[bad] = 0.0
-        weight[bad] = 0.0
+        image, weight, swarp_header = _swarp_in_chunks(links, weights, used, factors, grid, run_dir, workdir,
+                                                       options)
 
         out_wcs = WCS(grid, naxis=2)
         carried = np.zeros(image.shape, dtype=np.uint16)
@@ -277,7 +314,8 @@ def make_stack(paths: Sequence[str | Path], dest: Path, grid: fits.Header, *, se
             resampling=options.resampling_type, single=len(used) == 1, visit=visit,
             centre_source=centre_source, tile=tile)
         header["BUNIT"] = ("adu", "ADU of the reference frame (STKREF)")
-        header["SWARPGN"] = (float(swarp_header.get("GAIN", 0.0)), "SWarp's own equivalent gain (check)")
+        if "GAIN" in swarp_header:
+            header["SWARPGN"] = (float(swarp_header["GAIN"]), "SWarp's own equivalent gain (check)")
         for name, reason in list(excluded.items())[:20]:
             header.add_history(f"left out {Path(name).name}: {reason}"[:72])
         tools = ["SWarp"]

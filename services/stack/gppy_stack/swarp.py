@@ -60,6 +60,8 @@ class SwarpOptions:
     vmem_max_mb: int = 32768
     combine_bufsize_mb: int = 1024
     timeout_s: float = 3600.0
+    #: Inputs per SWarp run; more are coadded in chunks and combined (bounds scratch space).
+    max_inputs_per_run: int = 12
 
     @property
     def kernel_radius(self) -> int:

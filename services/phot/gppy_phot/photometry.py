@@ -178,7 +178,7 @@ def measure_seeing_from(pre: Table, ref_ra: np.ndarray, ref_dec: np.ndarray, ref
 
 def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np.ndarray | None,
                weight_path: Path | None, ref: Table, refpath: str, workdir: Path,
-               params: PhotParams | None = None) -> PhotResult:
+               params: PhotParams | None = None, timings: dict[str, float] | None = None) -> PhotResult:
     """Photometry of one image.
 
     Parameters
@@ -201,7 +201,19 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
         Scratch folder for Source Extractor's files.
     params : PhotParams
         Settings.
+    timings : dict, optional
+        Filled with the seconds spent in each step (pre-run, seeing, main run, zero points...).
     """
+    import time
+
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        if timings is not None:
+            timings[name] = timings.get(name, 0.0) + now - clock[0]
+        clock[0] = now
+
     p = params or PhotParams()
     info = ImageInfo.from_header(header, image_path, p.default_saturation)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -210,6 +222,7 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
     flag_path = sextractor.write_flag_image(mask, workdir / "flag.fits")
     wpath = weight_path if weight_path is not None and Path(weight_path).exists() else None
     ref_ra, ref_dec = reference_positions(ref, info.obstime)
+    lap("prepare")
 
     # 1. pre-run for the seeing
     pre_conv = write_text(workdir / "pre.conv", sextractor.gaussian_conv_text(PRE_SEEING_ARCSEC / info.pixscale))
@@ -222,6 +235,7 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
                    "DETECT_MINAREA": p.detect_minarea, "BACK_SIZE": p.back_size,
                    "BACK_FILTERSIZE": p.back_filtersize, "CLEAN": "N"})
     pre = sextractor.run(pre_args, workdir / "pre.cat", workdir).table
+    lap("sextractor_pre")
     see = measure_seeing_from(pre, ref_ra, ref_dec, ref, info, p.match_radius_arcsec, refpath)
     aps = aperture_set(see.peeing_px, info.pixscale)
 
@@ -235,7 +249,9 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
                    "ANALYSIS_THRESH": p.analysis_thresh, "DETECT_MINAREA": p.detect_minarea,
                    "BACK_SIZE": p.back_size, "BACK_FILTERSIZE": p.back_filtersize,
                    "BACKPHOTO_TYPE": p.backphoto_type})
+    lap("seeing")
     res = sextractor.run(args, workdir / "main.cat", workdir)
+    lap("sextractor_main")
     se = res.table
     if len(se) == 0:
         raise BadInputError(image_path, "Source Extractor found no source")
@@ -255,6 +271,7 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
 
     # 5. noise correlation (needs the pixels): aperture noise / white noise per aperture
     skysig = float(res.rms)
+    lap("match")
     if p.measure_correlation:
         rho = depth.noise_correlation(data, mask != 0)
         noise = {s: depth.correlation_noise_ratio(rho, aps.diameters[s]) for s in SUFFIXES[1:]}
@@ -294,6 +311,7 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
     except ValueError:
         total = zeropoint.TotalZeroPoint(float("nan"), float("nan"), float("nan"), float("nan"), float("nan"))
 
+    lap("noise_and_zero_points")
     kept1 = np.zeros(len(se), bool)
     kept1[np.flatnonzero(use_of["APER_1"])[zps["APER_1"].kept]] = True
 
@@ -309,6 +327,7 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
                                     sep, zpsel, kept1, meta)
     cards = header_cards(info, see, aps, zps, depths, noise, res.background, skysig, int(zpsel.sum()),
                          p.refcat_name, total)
+    lap("catalogue")
     return PhotResult(table=table, cards=cards, seeing=see, apertures=aps, zps=zps, depths=depths,
                       skyval=float(res.background), skysig=skysig, noise=noise, zp_inputs=zp_inputs, total=total)
 

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,7 @@ def rewrite_with_header(path: Path, data: np.ndarray, header: fits.Header) -> No
 
 def photometry_products(image: Path, weight: Path | None, mask_path: Path | None, obj: str, filt: str,
                         unit: str, processed: Path, refcat_root: Path, scratch_root: Path,
-                        params: PhotParams, kind: str = "single") -> dict:
+                        params: PhotParams, kind: str = "single", timings: dict[str, float] | None = None) -> dict:
     """Photometry of one image and its products; returns the figures for ``phot.done``.
 
     Raises
@@ -90,6 +91,8 @@ def photometry_products(image: Path, weight: Path | None, mask_path: Path | None
         Missing or unusable image, reference catalogue or header keys.
     """
     params = dataclasses.replace(params, measure_correlation=kind == "stack")
+    times = timings if timings is not None else {}
+    t0 = time.perf_counter()
     data, header = read_image(image)
     mask = read_mask(mask_path)
     if mask is not None and mask.shape != data.shape:
@@ -98,18 +101,25 @@ def photometry_products(image: Path, weight: Path | None, mask_path: Path | None
     ref = load_gaiaxp(refpath)
     dirs = ProductDirs.of(processed, obj, unit, filt)
     scratch_root.mkdir(parents=True, exist_ok=True)
+    times["read"] = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix=f"phot-{stem(image)[:40]}-", dir=scratch_root) as tmp:
-        result = photometer(image, header, data, mask, weight, ref, str(refpath), Path(tmp), params)
+        result = photometer(image, header, data, mask, weight, ref, str(refpath), Path(tmp), params, times)
+    t0 = time.perf_counter()
     cat_path = phot_catalogue(image, dirs)
     result.table.meta["provenance"] = provenance_meta([image, refpath], params)
     write_text(cat_path, catalog.to_ecsv(result.table))
+    times["write_catalogue"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     png = plots.zp_figure_png(result.zp_inputs, result.zps, Path(image).name)
     png_path = dirs.phot / f"{stem(image)}.zp.png"
     with atomic_path(png_path) as tmp:
         tmp.write_bytes(png)
     write_text(dirs.phot / f"{stem(image)}.phot.reg", regions.phot_regions(result.table, result.seeing.seeing_arcsec))
+    times["plot_and_regions"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     # header keys last: the image announces its photometry only once the products exist
     rewrite_with_header(image, data, apply_cards(header, result.cards))
+    times["write_header"] = time.perf_counter() - t0
     zp = result.total.zp if result.total is not None and np.isfinite(result.total.zp) else result.zps["AUTO"].zp
     return {"catalogue_path": str(cat_path), "zp": zp, "seeing": result.seeing.seeing_arcsec,
             "depth": result.ul5_1}

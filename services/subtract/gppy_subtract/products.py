@@ -128,16 +128,23 @@ def summary_of(res, reference_name: str, engine: str = "native") -> dict:
     }
 
 
+def set_card(header: fits.Header, key: str, value, comment: str = "") -> None:
+    """``header[key] = (value, comment)`` with the comment shortened to fit one 80-char card."""
+    bare = max(len(fits.Card(key, value).image.rstrip()), 30)   # fixed format: comment after col 30
+    room = 80 - bare - 3
+    header[key] = (value, comment[:room] if room > 0 else "")
+
+
 def _with_cards(header: fits.Header, cards) -> fits.Header:
     for key, value, comment in cards:
-        header[key] = (value, comment)
+        set_card(header, key, value, comment)
     return header
 
 
 def difference_header(sci_header: fits.Header, summary: dict) -> fits.Header:
     """Science keys + quality keys; BUNIT kept (the difference is in science units)."""
     h = science_keys(sci_header)
-    h["IMAGETYP"] = ("DIFFERENCE", "PSF-matched science minus reference")
+    set_card(h, "IMAGETYP", "DIFFERENCE", "PSF-matched science minus reference")
     return _with_cards(h, quality_cards(summary))
 
 
@@ -145,21 +152,21 @@ def noise_header(sci_header: fits.Header, summary: dict) -> fits.Header:
     h = wcs_keys(sci_header)
     if "BUNIT" in sci_header:
         h["BUNIT"] = sci_header["BUNIT"]
-    h["IMAGETYP"] = ("NOISE", "1-sigma noise of the difference; 0 where masked")
+    set_card(h, "IMAGETYP", "NOISE", "1-sigma noise of the difference; 0 where masked")
     return _with_cards(h, quality_cards(summary))
 
 
 def weight_header(sci_header: fits.Header, summary: dict) -> fits.Header:
     h = wcs_keys(sci_header)
-    h["IMAGETYP"] = ("WEIGHT", "inverse variance of the difference; 0 where masked")
+    set_card(h, "IMAGETYP", "WEIGHT", "inverse variance of the difference; 0 where masked")
     return _with_cards(h, quality_cards(summary))
 
 
 def mask_header(sci_header: fits.Header, summary: dict) -> fits.Header:
     h = wcs_keys(sci_header)
-    h["IMAGETYP"] = ("MASK", "bit mask of the difference (non-zero = bad)")
+    set_card(h, "IMAGETYP", "MASK", "bit mask of the difference (non-zero = bad)")
     for name, value in mask_bits().items():
-        h[f"MASKB_{name}"[:8]] = (value, f"mask bit {name}")
+        set_card(h, f"MASKB_{name}"[:8], value, f"mask bit {name}")
     return _with_cards(h, quality_cards(summary))
 
 
@@ -170,5 +177,5 @@ def convolved_header(sci_header: fits.Header, ref_header: fits.Header, summary: 
     for key in ("BUNIT", "OBJECT", "FILTER", "EGAIN"):
         if key in src:
             h[key] = src[key]
-    h["IMAGETYP"] = ("CONVOLVED", f"{summary['convolved']} convolved with the matching kernel")
+    set_card(h, "IMAGETYP", "CONVOLVED", f"{summary['convolved']} convolved with the matching kernel")
     return _with_cards(h, quality_cards(summary))

@@ -191,11 +191,11 @@ def reference_on_grid(ref_path: Path, sci: Inputs, scratch_root: Path, filt: str
         if key_ in ref.header:
             hdr[key_] = ref.header[key_]
     if ref.egain:
-        hdr["EGAIN"] = (ref.egain / f, "e- per unit of the resampled image")
+        products.set_card(hdr, "EGAIN", ref.egain / f, "e- per unit of the resampled image")
     if ref.saturate:
-        hdr["SATURATE"] = (ref.saturate * f, "saturation in resampled units")
-    hdr["RESAMPF"] = (f, "flux scale: science / reference pixel area")
-    hdr["RESAMPOF"] = (ref_path.name[:68], "reference that was resampled")
+        products.set_card(hdr, "SATURATE", ref.saturate * f, "saturation in resampled units")
+    products.set_card(hdr, "RESAMPF", f, "flux scale: science / reference pixel area")
+    products.set_card(hdr, "RESAMPOF", ref_path.name[:60], "resampled reference")
     stamp(hdr, STAGE, inputs=[ref_path, sci.path], tools=None)
     for d in cache_dirs(ref_path, scratch_root, filt):
         try:
@@ -344,14 +344,14 @@ class SubtractService(StageService):
     def _write(self, out, sci: Inputs, ref: Inputs, summary: dict, diff, noise, mask, conv, ref_path: Path,
                engine_label: str) -> None:
         inputs = [sci.path, ref_path]
-        if ref.path != ref_path:
-            inputs.append(ref.path)
+        resampled = ref.path != ref_path
         settings = self._settings_dict(summary["engine"])
         tools_used = ["hotpants"] if summary["engine"] == "hotpants" else None
 
         def prov(h: fits.Header) -> fits.Header:
             stamp(h, STAGE, inputs=inputs, settings=settings, tools=tools_used)
-            h["SUBBACK"] = (engine_label[:68], "engine and array backend")
+            products.set_card(h, "SUBBACK", engine_label[:60], "engine and array backend")
+            products.set_card(h, "SUBRESMP", resampled, "reference reprojected onto the science grid")
             return h
 
         noise = to_host(noise).astype(np.float32)

@@ -1,7 +1,7 @@
 """The stack service with a real nats-server and two replica processes.
 
-A night of five visits (60-s frames, a 300-s series, a one-frame visit, a visit with one
-failed frame, a visit whose frames all failed) is announced by its plan and the frames'
+A night of six visits (60-s frames, a 300-s series, a one-frame visit, a visit with one
+failed frame, a visit whose frames all failed, a visit whose files are unusable) is announced by its plan and the frames'
 phot.done events in a shuffled order (some frames before the plan, one frame reported twice);
 two stack replicas must produce each visit's stack exactly once. Then a deep stack across
 three nights is requested through ``gppy deep-stack --as-reference``.
@@ -96,12 +96,19 @@ def stack_settings(nats_server, data_root) -> Settings:
 
 
 def frames_of_night(processed: Path) -> dict:
-    """Five visits of one night; returns the truths keyed by a label."""
+    """Six visits of one night; returns the truths keyed by a label."""
     d = ProductDirs.of(processed, "T90001", UNIT, "m650").base
     d2 = ProductDirs.of(processed, "T90002", UNIT, "m650").base
     d3 = ProductDirs.of(processed, "T90002", UNIT, "r").base
+    d4 = ProductDirs.of(processed, "T90001", UNIT, "r").base
     common = dict(shape=SHAPE, unit=UNIT, nstars=40, cosmics=10)
+    unusable = make_frames(d4, n=2, filt="r", start="2025-01-02T04:30:00", seed=6, **common)
+    for p in unusable.paths:  # photometry said ok, but the files have no WCS
+        with fits.open(p, mode="update") as hd:
+            for key in ("CTYPE1", "CTYPE2"):
+                del hd[0].header[key]
     return {
+        "unusable": unusable,
         "60s": make_frames(d, n=3, start="2025-01-02T03:00:00", seed=1, **common),
         "300s": make_frames(d, n=3, exptimes=[300.0] * 3, gaps_s=[25.0] * 3, start="2025-01-02T03:20:00",
                             seed=2, **common),
@@ -123,7 +130,7 @@ def test_two_replicas_stack_each_visit_exactly_once_in_any_order(stack_settings,
     infos = [FrameInfo(str(p), h["OBJECT"], h["FILTER"], h["DATE-OBS"], h["EXPTIME"])
              for t in truths.values() for p, h in zip(t.paths, t.headers, strict=True)]
     visits = group_visits(infos, settings.visit_gap_s)
-    assert len(visits) == 5
+    assert len(visits) == 6
     visit_of = {f.key: v for v, fs in visits.items() for f in fs}
     plan = NightPlan(night_id=night_id, unit=UNIT, night_dir=str(night_dir), frames=[
         PlannedFrame(raw_path=str(night_dir / f"raw{i}.fits"), calib_path=f.key, object=f.object, filter=f.filter,
@@ -163,9 +170,11 @@ def test_two_replicas_stack_each_visit_exactly_once_in_any_order(stack_settings,
     assert all(len(evs) == 1 for evs in by_visit.values())
     built = [line for line in text.splitlines() if "stacked from" in line]
     assert len(built) == 4, built  # one build per visit across both replicas
-    assert [f.stage for f in failures] == ["stack"]
-    assert label_of[failures[0].item_path] == "all-failed"
-    assert "no frame of it was processed successfully" in failures[0].reason
+    assert [f.stage for f in failures] == ["stack", "stack"]  # each names its visit, once
+    reasons = {label_of[f.item_path]: f.reason for f in failures}
+    assert set(reasons) == {"all-failed", "unusable"}
+    assert "no frame of it was processed successfully" in reasons["all-failed"]
+    assert "no usable input" in reasons["unusable"] and "not solved" in reasons["unusable"]
 
     for visit, (ev,) in by_visit.items():
         truth = truths[label_of[visit]]

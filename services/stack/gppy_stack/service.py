@@ -231,9 +231,11 @@ class StackService(StageService):
             with self.step("stack_visit"):
                 result = await asyncio.to_thread(self.build_visit_stack, record, ok_paths)
         except (PermanentError, BadInputError) as exc:
+            # reported as a stage.failed naming the visit (what the watcher waits for); not retried
             reason = f"visit {visit}: {exc}"
+            log.error("%s", reason)
             await self._finish(key, token, "failed", None, reason)
-            raise PermanentError(reason) from exc
+            return [self.failed(event, reason, visit)]
         done = StackDone(night_id=record["night_id"], unit=record["unit"], lane=record["lane"],
                          path=str(result.path), weight_path=str(result.weight_path),
                          mask_path=str(result.mask_path), object=record["object"], filter=record["filter"],

@@ -84,9 +84,16 @@ async def dead_letter(js, prefix: str, stage: str, reason: str, subject: str, da
     await js.publish(f"{prefix}.dlq.{stage}", json.dumps(body).encode())
 
 
-async def kv_bucket(js, bucket: str, history: int = 1):
-    """A JetStream key-value bucket, created on first use."""
+async def kv_bucket(js, bucket: str, history: int = 1, ttl_s: float | None = None):
+    """A JetStream key-value bucket, created on first use.
+
+    ``ttl_s`` expires entries (e.g. per-visit stacking state after a month); ``None`` keeps
+    them (the watcher's ledger).
+    """
     try:
         return await js.key_value(bucket)
     except (NotFoundError, Exception):  # BucketNotFoundError subclasses NotFoundError
-        return await js.create_key_value(bucket=bucket, history=history)
+        params = {"bucket": bucket, "history": history}
+        if ttl_s:
+            params["ttl"] = ttl_s
+        return await js.create_key_value(**params)

@@ -74,7 +74,7 @@ class StackService(StageService):
         self.skygrid = read_skygrid(self.paths.skygrid)
 
     async def setup(self) -> None:
-        self.kv = await bus.kv_bucket(self.js, BUCKET)
+        self.kv = await bus.kv_bucket(self.js, BUCKET, ttl_s=30 * 86400.0)
         log.info("sky grid: %s (%d tiles)", self.skygrid.source, len(self.skygrid))
 
     # ------------------------------------------------------------------ dispatch

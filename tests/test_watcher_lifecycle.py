@@ -258,7 +258,7 @@ async def test_ad_hoc_night_with_a_filter_restriction_and_collapsed_failures(set
     """A night-ready event the watcher did not publish (``gppy process``) goes through the ledger;
     identical failures on many frames make one Slack message; a dead letter closes its frame."""
     stand_in = SlackStandIn().up()
-    s = watcher_settings(settings, units=["7DT02"], night_max_attempts=1)  # the night's unit is not watched
+    s = watcher_settings(settings, units=["7DT02"], night_max_attempts=3)  # the night's unit is not watched
     d = night_dir(s, "2025-01-07_gain2750")
     d.mkdir(parents=True)
     ready = NightReady(night_id=naming.night_id(UNIT, d), unit=UNIT, night_dir=str(d), attempt=1736000000,
@@ -287,7 +287,8 @@ async def test_ad_hoc_night_with_a_filter_restriction_and_collapsed_failures(set
             rec = svc.ledger.cached(ready.night_id)
     finally:
         stand_in.down()
-    assert done[0].status == "failed"  # no frame came through
+    assert done[0].status == "failed"  # no frame came through: failed at once, not retried
+    assert [r.attempt for r in await readies(s, ready.night_id)] == [1736000000]
     assert rec.source == "adhoc" and rec.filters == ["m425"] and rec.attempt == 1736000000
     assert rec.progress["plan"] == {"frames": 5, "visits": 1, "rejected": 0, "skipped": 2}
     texts = stand_in.texts()
@@ -349,3 +350,44 @@ async def test_a_simulated_night_copied_in_chunks_is_queued_once_after_the_last_
         rec = svc.ledger.cached(nid)
     assert evs[0].night_dir == str(d)
     assert rec.snapshot == {"size": sum(f.stat().st_size for f in files), "count": len(files), "fits": len(files)}
+
+
+async def test_the_two_reports_of_a_night_failure_count_once_in_either_order(settings):
+    """A stage that gives up sends a stage.failed and a dead letter, which reach the watcher on
+    different consumers in either order, possibly after it has moved on to the next attempt."""
+    from gppy.messages import StageFailed
+
+    s = watcher_settings(settings, night_max_attempts=3)
+    d = night_dir(s, "2025-01-09_gain2750")
+    write_raw(d, 0)
+    nid = naming.night_id(UNIT, d)
+    reason = "RuntimeError: master bias: no frame"
+    async with running_watcher(s) as svc, Publisher(s) as pub:
+        r1 = (await wait_for(lambda: readies(s, nid), 60, "attempt 1"))[0]
+        sf = StageFailed(night_id=nid, unit=UNIT, stage="calib", item_path=str(d), reason=reason)
+        await pub.dead_letter("calib", reason, r1)  # the dead letter first
+        r2 = (await wait_for(lambda: _n_readies(s, nid, 2), 60, "attempt 2"))[1]
+        await pub(sf)  # its twin arrives after the retry was published: not a failure of attempt 2
+        await wait_for(lambda: _night_failures(svc, nid, 1, both=True), 60, "the twin to be paired")
+        # attempt 2 (another reason: an identical stage.failed would be de-duplicated by JetStream)
+        reason2 = reason + " (attempt 2)"
+        await pub(sf.model_copy(update={"reason": reason2}))  # the stage.failed first this time
+        r3 = (await wait_for(lambda: _n_readies(s, nid, 3), 60, "attempt 3"))[2]
+        await pub.dead_letter("calib", reason2, r2)
+        await wait_for(lambda: _night_failures(svc, nid, 2, both=True), 60, "the second twin to be paired")
+        await pub(sf)  # attempt 3's stage.failed: identical to attempt 1's, swallowed by JetStream
+        await pub.dead_letter("calib", reason, r3)  # so the dead letter alone ends the night
+        done = await wait_for(lambda: dones(s, nid), 60, "the night to fail")
+    assert [r.attempt for r in await readies(s, nid)] == [1, 2, 3]
+    assert [x.status for x in done] == ["failed"] and len(await dones(s, nid)) == 1
+
+
+def _night_failures(svc, nid, n, both=False):
+    rec = svc.ledger.cached(nid)
+    fails = rec.night_failures if rec else []
+    return len(fails) == n and (not both or all(e["sf"] and e["dlq"] for e in fails))
+
+
+async def _n_readies(s, nid, n):
+    out = await readies(s, nid)
+    return out if len(out) >= n else None

@@ -94,6 +94,7 @@ class NightRecord(BaseModel):
     progress: dict[str, dict[str, int]] = Field(default_factory=dict)
     outstanding: int | None = None
     last_error: str = ""
+    night_failures: list[dict] = Field(default_factory=list)
     history: list[dict] = Field(default_factory=list)
     final_steps: list[str] = Field(default_factory=list)
     summary_path: str = ""

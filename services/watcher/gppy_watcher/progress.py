@@ -142,13 +142,33 @@ class NightProgress:
         entry[2] = max(entry[2], created)
         self.last_event = time.time()
 
-    def _fail(self, stage: str, item: str, reason: str) -> dict | None:
-        """Record a failure once per (stage, item) (per (stage, reason) without an item)."""
+    def _fail(self, stage: str, item: str, reason: str, via: str = "event") -> dict | None:
+        """Record a failure once; returns it when new.
+
+        ``via`` is ``event`` (an ``ok=False`` outcome), ``sf`` (a ``stage.failed``) or ``dlq`` (a
+        dead letter). When a stage gives up on a message the runtime reports it twice, by a
+        ``stage.failed`` and a dead letter with the same stage and reason, in either order on
+        separate consumers: the second report is matched to the first and not counted again.
+        Otherwise a failure is recorded once per (stage, item), or per (stage, reason) without
+        an item.
+        """
+        reason = reason[:2000]
+        if via in ("sf", "dlq"):
+            other = "dlq" if via == "sf" else "sf"
+            for f in self.failures:
+                if (f["stage"] == stage and f["reason"] == reason and f.get(other) and not f.get(via)
+                        and (not item or not f["item"] or f["item"] == item)):
+                    f[via] = True
+                    f["item"] = f["item"] or item
+                    return None
         for f in self.failures:
             if f["stage"] == stage and ((item and f["item"] == item) or (not item and not f["item"]
                                                                            and f["reason"] == reason)):
+                if via != "event":
+                    f[via] = True
                 return None
-        rec = {"stage": stage, "item": item, "reason": reason[:2000], "at": time.time(), "dlq": False}
+        rec = {"stage": stage, "item": item, "reason": reason, "at": time.time(), "sf": via == "sf",
+               "dlq": via == "dlq"}
         self.failures.append(rec)
         return rec
 
@@ -245,50 +265,57 @@ class NightProgress:
                 out.append(self._fail("phot", path, ev.reason or "photometry of the difference failed"))
         return out
 
-    def _apply_failure(self, stage: str, item: str, reason: str, dlq_event: Event | None = None) -> list:
-        """Close the branch a failure names; returns the newly recorded failures."""
+    def _close(self, stage: str, item: str, reason: str) -> tuple[str, bool]:
+        """Close the branch that a failure of ``stage`` on ``item`` ends.
+
+        Returns ``(key, consequence)``: the item's canonical key, and whether the failure only
+        follows from failures already reported (a visit none of whose frames came through).
+        """
         text = f"{stage}: {reason}"[:500]
-        if item and item == self.night_dir:
+        if not item:
+            return "", False
+        if item == self.night_dir:
             if not self.planned:
                 self.night_failed = self.night_failed or text
-            return [self._fail(stage, item, reason)]
-        key = self._frame_key(item) if item else None
+            else:  # the stage gave up on the night after its plan: what it did not deliver never comes
+                for f in self.frames.values():
+                    if not f["cal"] and not f["fail"]:
+                        f["fail"] = text
+            return item, False
+        key = self._frame_key(item)
         if key is not None:
             f = self.frames[key]
-            visit = f["visit"]
             if stage == "stack":
-                self.visit_fail.setdefault(visit, text)
+                self.visit_fail.setdefault(f["visit"], text)
             elif stage == "subtract" and self.subtract_singles:
                 self.diffs.setdefault(key, {"phot": None})["fail"] = text
             elif not f["fail"] and f["phot"] is None:
                 f["fail"] = text
-            return [self._fail(stage, key, reason)]
-        visit = self._stack_visit(item) if item else None
+            return key, False
+        visit = self._stack_visit(item)
         if visit is not None:
-            s = self.stacks[visit]
+            st = self.stacks[visit]
             if stage == "subtract":
-                self.diffs.setdefault(s["path"], {"phot": None})["fail"] = text
+                self.diffs.setdefault(st["path"], {"phot": None})["fail"] = text
             else:
-                s["fail"] = s["fail"] or text
-            return [self._fail(stage, item, reason)]
-        if item and item in {f["visit"] for f in self.frames.values()}:
+                st["fail"] = st["fail"] or text
+            return item, False
+        if item in {f["visit"] for f in self.frames.values()}:
             self.visit_fail.setdefault(item, text)
-            rec = self._fail(stage, item, reason)
-            if not any(f["phot"] is True for f in self.frames.values() if f["visit"] == item):
-                return []  # a consequence of its frames' failures, already reported
-            return [rec]
-        dkey = self._diff_key(item) if item else None
+            return item, not any(f["phot"] is True for f in self.frames.values() if f["visit"] == item)
+        dkey = self._diff_key(item)
         if dkey is not None:
             self.diffs[dkey]["fail"] = self.diffs[dkey].get("fail") or text
-            return [self._fail(stage, item, reason)]
-        return [self._fail(stage, item, reason)]
+        return item, False
+
+    def _apply_failure(self, stage: str, item: str, reason: str) -> list[dict]:
+        """A ``stage.failed``: close its branch; returns the failure if newly reported."""
+        key, consequence = self._close(stage, item, reason)
+        rec = self._fail(stage, key or item, reason, "sf")
+        return [] if rec is None or consequence else [rec]
 
     def apply_dead_letter(self, stage: str, reason: str, data: str) -> list[dict]:
-        """A dead letter of ``stage``: the message it gave up on (``data``) names the branch.
-
-        The runtime publishes a ``stage.failed`` before the dead letter of the same failure;
-        that twin is matched here (same stage and reason) and not counted twice.
-        """
+        """A dead letter of ``stage``: the message it gave up on (``data``) names the branch."""
         try:
             ev: Event | None = parse(data.encode(), max_bytes=1 << 22)
         except MessageError:
@@ -297,48 +324,38 @@ class NightProgress:
         if ev is not None:
             item = (getattr(ev, "path", "") or getattr(ev, "image_path", "") or getattr(ev, "science_path", "")
                     or getattr(ev, "night_dir", ""))
-        for f in self.failures:
-            if f["stage"] == stage and not f["dlq"] and f["reason"] == reason[:2000] and f["item"] in ("", item):
-                f["dlq"] = True
-                if not f["item"] and item:
-                    f["item"] = item
-                    self._close_from_dead_letter(stage, reason, ev)
-                return []
-        self._close_from_dead_letter(stage, reason, ev)
-        rec = self._fail(stage, item, reason)
-        if rec is None:
-            return []
-        rec["dlq"] = True
-        return [rec]
+        key = self._close_from_dead_letter(stage, reason, ev)
+        rec = self._fail(stage, key or item, reason, "dlq")
+        return [] if rec is None else [rec]
 
-    def _close_from_dead_letter(self, stage: str, reason: str, ev: Event | None) -> None:
+    def _close_from_dead_letter(self, stage: str, reason: str, ev: Event | None) -> str:
+        """Close the branch of the message a stage gave up on; returns the item's key."""
         if ev is None:
-            return
+            return ""
         text = f"{stage}: {reason}"[:500]
         if ev.kind == "night.ready":
-            if not self.planned:
-                self.night_failed = self.night_failed or text
-        elif ev.kind == "night.plan" and stage == "stack":
+            return self._close(stage, ev.night_dir, reason)[0]
+        if ev.kind == "night.plan" and stage == "stack":
             for f in self.frames.values():
                 self.visit_fail.setdefault(f["visit"], text)
-        elif ev.kind in ("frame.calibrated", "frame.solved"):
-            self._apply_failure(stage, ev.path, reason)
-        elif ev.kind == "phot.done" and ev.image_kind == "single":
-            if stage == "stack":
+            return ev.night_dir
+        if ev.kind in ("frame.calibrated", "frame.solved", "stack.done"):
+            return self._close(stage, ev.path, reason)[0]
+        if ev.kind == "phot.done":
+            if ev.image_kind == "single" and stage == "stack":
                 visit = self._visit_of(ev.image_path)
                 if visit:
                     self.visit_fail.setdefault(visit, text)
-            elif stage == "subtract":
+                return self._frame_key(ev.image_path) or ev.image_path
+            if stage == "subtract" and (ev.image_kind == "stack" or self.subtract_singles):
                 self.diffs.setdefault(ev.image_path, {"phot": None})["fail"] = text
-        elif ev.kind == "phot.done" and ev.image_kind == "stack":
-            if stage == "subtract":
-                self.diffs.setdefault(ev.image_path, {"phot": None})["fail"] = text
-        elif ev.kind == "stack.done":
-            self._apply_failure(stage, ev.path, reason)
-        elif ev.kind == "diff.done":
+            return ev.image_path
+        if ev.kind == "diff.done":
             key = ev.science_path
             if key in self.diffs:
                 self.diffs[key]["fail"] = self.diffs[key].get("fail") or text
+            return ev.path or key
+        return ""
 
     # ---------------------------------------------------------------- state
     @staticmethod

@@ -4,13 +4,16 @@
   configured units and, when one is completely copied, the service queues it: the ledger
   moves it to ``queued`` and a :class:`~gppy.messages.NightReady` is published on the ToO
   lane for ToO nights (so they overtake survey nights in every stage) or the survey lane.
-* It consumes every stage's events and the dead letters (one durable consumer
-  ``watcher-events``, handled one at a time in stream order, so a stage's ``stage.failed``
-  is always seen before the dead letter of the same failure) and follows each night's
-  progress (:mod:`gppy_watcher.progress`). When nothing is outstanding the night is *done*;
-  when the night itself failed it is retried with a new attempt until
-  ``settings.night_max_attempts``, then *failed* and reported once; it is never queued
-  again until an operator re-queues it (``POST /nights/<id>/requeue``).
+* It consumes every stage's events (the runtime's consumers ``watcher-too`` and
+  ``watcher-survey``, one message at a time) and the dead letters (an extra consumer
+  ``watcher-dlq`` on ``<prefix>.dlq.>``), and follows each night's progress
+  (:mod:`gppy_watcher.progress`). A stage that gives up on a message reports it twice (a
+  ``stage.failed`` and a dead letter); the two are paired, in whichever order they come.
+  When nothing is outstanding the night is *done*. When the night itself failed (the
+  calibration stage gave up on it) it is retried with a new attempt until
+  ``settings.night_max_attempts``, then *failed* and reported once; a night processed with
+  no frame coming through is *failed* at once. A failed night is never queued again until an
+  operator re-queues it (``POST /nights/<id>/requeue``).
 * A night-ready event that the watcher did not publish (``gppy process UNIT NIGHT_DIR``)
   starts a new run of that night in the ledger, with its targets/filters restriction.
 * At the end of a night: header snapshots, the night summary, the v1 run-log line, removal
@@ -54,13 +57,13 @@ class WatcherService(StageService):
 
     name = "watcher"
     consumes = [k for k in KINDS if k not in ("night.done", "deepstack.request")]
-    durable = "watcher-events"
+    dlq_durable = "watcher-dlq"
 
     def __init__(self, settings: Settings | None = None, notifier: SlackNotifier | None = None,
                  recheck_interval_s: float | None = None, use_events: bool = True,
                  stall_timeout_s: float | None = None):
         super().__init__(settings)
-        if self.settings.concurrency != 1:  # events are followed in stream order
+        if self.settings.concurrency != 1:  # each lane's events are followed in stream order
             self.settings = self.settings.model_copy(update={"concurrency": 1})
         self.notifier = notifier
         self.recheck_interval_s = recheck_interval_s
@@ -70,43 +73,37 @@ class WatcherService(StageService):
         self.patterns = NightPatterns.from_settings(self.settings)
         self.stall_timeout_s = float(stall_timeout_s if stall_timeout_s is not None
                                      else getattr(self.settings, "night_stall_timeout_s", 1800.0))
-        self._events = None
         self._tasks: list[asyncio.Task] = []
         self._progress: dict[str, NightProgress] = {}
         self._last_event = time.time()
 
-    # ---------------------------------------------------------------- runtime overrides
-    async def connect(self) -> None:
-        """One durable consumer on every lane's events plus the dead letters (stream order)."""
-        self.nc = await bus.connect(self.settings, f"gppy-{self.name}")
-        self.js = self.nc.jetstream()
-        await bus.ensure_stream(self.js, self.settings)
-        p = self.settings.subject_prefix
-        subjects = [f"{p}.{lane}.{k}" for lane in bus.LANES for k in self.consumes] + [f"{p}.dlq.>"]
-        cfg = api.ConsumerConfig(durable_name=self.durable, ack_policy=api.AckPolicy.EXPLICIT,
+    # ---------------------------------------------------------------- dead letters
+    async def _dlq_subscription(self):
+        """The durable pull consumer ``watcher-dlq`` on ``<prefix>.dlq.>``."""
+        cfg = api.ConsumerConfig(durable_name=self.dlq_durable, ack_policy=api.AckPolicy.EXPLICIT,
                                  ack_wait=self.settings.ack_wait_s, max_deliver=self.settings.max_deliver + 1,
-                                 filter_subjects=subjects, deliver_policy=api.DeliverPolicy.ALL,
-                                 max_ack_pending=1000)
+                                 filter_subject=f"{self.settings.subject_prefix}.dlq.>",
+                                 deliver_policy=api.DeliverPolicy.ALL, max_ack_pending=1000)
         try:
-            await self.js.consumer_info(self.settings.stream, self.durable)
+            await self.js.consumer_info(self.settings.stream, self.dlq_durable)
         except NotFoundError:
             await self.js.add_consumer(self.settings.stream, cfg)
-        self._events = await self.js.pull_subscribe_bind(durable=self.durable, stream=self.settings.stream)
-        await self.setup()
-        self._ready = True
-        log.info("watcher joined its consumer %s (%d subjects)", self.durable, len(subjects))
+        return await self.js.pull_subscribe_bind(durable=self.dlq_durable, stream=self.settings.stream)
 
-    async def _fetch_one(self):
-        try:
-            msgs = await self._events.fetch(batch=1, timeout=1.0)
-        except (TimeoutError, NatsTimeout):
-            return None
-        return msgs[0] if msgs else None
+    async def _dlq_loop(self, sub) -> None:
+        while not self._stopping.is_set():
+            try:
+                msgs = await sub.fetch(batch=10, timeout=1.0)
+            except (TimeoutError, NatsTimeout):
+                continue
+            except Exception as exc:  # connection trouble: back off
+                log.warning("dead-letter fetch failed: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for msg in msgs:
+                await self._take_dead_letter(msg)
 
-    async def _process(self, msg) -> None:
-        if not msg.subject.startswith(f"{self.settings.subject_prefix}.dlq."):
-            await super()._process(msg)
-            return
+    async def _take_dead_letter(self, msg) -> None:
         delivered = msg.metadata.num_delivered if msg.metadata else 1
         try:
             await self.on_dead_letter(msg.data)
@@ -129,7 +126,9 @@ class WatcherService(StageService):
         await self.resume()
         self.scanner = Scanner(self.settings, self.paths, self.ledger, self.queue_night, self.night_changed,
                                recheck_interval_s=self.recheck_interval_s, use_events=self.use_events)
+        dlq = await self._dlq_subscription()
         self._tasks = [asyncio.create_task(self.scanner.run(), name="scanner"),
+                       asyncio.create_task(self._dlq_loop(dlq), name="dead-letters"),
                        asyncio.create_task(self._stall_loop(), name="stall-check")]
         log.info("watching %s under %s (quiet period %.1f s, poll %.1f s)", ", ".join(self.settings.units),
                  self.paths.path_obsdata, self.settings.quiet_period_s, self.settings.poll_interval_s)
@@ -138,7 +137,7 @@ class WatcherService(StageService):
         if self.scanner is not None:
             self.scanner.stop()
         for task in self._tasks:
-            if task.get_name() != "scanner":
+            if task.get_name() == "stall-check":
                 task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -239,10 +238,44 @@ class WatcherService(StageService):
             if not rec.active:
                 log.info("late %s for %s (%s) ignored", event.kind, nid, rec.state)
                 return []
+            if event.kind == "stage.failed" and event.item_path == rec.night_dir and \
+                    not await self._night_failure(rec, event.stage, event.reason, "sf"):
+                return []
             prog = await self._load_progress(rec)
             new = prog.apply(event)
             await self._after_update(rec, prog, new)
         return []
+
+    async def _night_failure(self, rec: NightRecord, stage: str, reason: str, via: str,
+                             attempt: int | None = None, current: bool = True) -> bool:
+        """Record a failure of the night itself; False when it is the second report of one
+        already counted (the runtime sends a ``stage.failed`` and a dead letter for each give-up,
+        possibly after the watcher already moved on to the next attempt) or a stale one."""
+        reason = reason[:2000]
+        other = "dlq" if via == "sf" else "sf"
+        verdict = {"new": False}
+
+        def fn(r):
+            verdict["new"] = False
+            if r is None:
+                return None
+            for e in r.night_failures:
+                if (e["stage"] == stage and e["reason"] == reason and e.get(other) and not e.get(via)
+                        and (attempt is None or e["attempt"] == attempt)):
+                    e[via] = True
+                    return r
+            if not current:
+                return None
+            verdict["new"] = True
+            r.night_failures = [*r.night_failures, {"attempt": r.attempt, "stage": stage, "reason": reason,
+                                                    "sf": via == "sf", "dlq": via == "dlq"}][-20:]
+            return r
+
+        await self.ledger.mutate(rec.night_id, fn)
+        if not verdict["new"]:
+            log.info("%s: second report of a night failure (%s: %s) not counted again", rec.night_id, stage,
+                     reason[:200])
+        return verdict["new"]
 
     async def on_dead_letter(self, data: bytes) -> None:
         """A stage gave up on a message: close the branch of the night it was about."""
@@ -257,8 +290,8 @@ class WatcherService(StageService):
                 return
             with contextlib.suppress(MessageError):
                 orig = parse(original.encode(), max_bytes=1 << 22)
-                if orig.kind == "night.ready" and orig.msg_id() != rec.ready_msg_id:
-                    log.info("dead letter of an earlier attempt of %s ignored", nid)
+                if orig.kind == "night.ready" and not await self._night_failure(
+                        rec, stage, reason, "dlq", attempt=orig.attempt, current=orig.msg_id() == rec.ready_msg_id):
                     return
             prog = await self._load_progress(rec)
             new = prog.apply_dead_letter(stage, reason, original)
@@ -362,7 +395,10 @@ class WatcherService(StageService):
     # ---------------------------------------------------------------- the end of a night
     async def _night_complete(self, rec: NightRecord, prog: NightProgress) -> None:
         status, note = prog.outcome()
-        if status == "failed" and rec.run_attempts < self.settings.night_max_attempts:
+        # Only a failure of the night itself is retried: when the stages did process it and no
+        # frame came through, running it again would re-send the same (de-duplicated) events.
+        retry = status == "failed" and (bool(prog.night_failed) or not prog.planned)
+        if retry and rec.run_attempts < self.settings.night_max_attempts:
             def fn(r):
                 if r is None or r.attempt != rec.attempt:
                     return None

@@ -41,8 +41,10 @@ NOISY_MIN_FRAMES = 5
 #: astroscrappy parameters: v1's unused calib.cr_removal (sigclip 4.5, sigfrac 0.3, objlim 5) with
 #: 2 iterations instead of 4 (on simulated frames iterations 3-4 added nothing).
 CR_PARAMS = {"sigclip": 4.5, "sigfrac": 0.3, "objlim": 5.0, "niter": 2}
-#: Candidate threshold of the cheap pre-screen (a little below ``sigclip``).
+#: Candidate threshold of the cheap pre-screen (a little below ``sigclip``) and its sharpness
+#: limit (see :func:`cosmic_ray_candidates`).
 CR_PRESCREEN = 4.0
+CR_SHARPNESS = 0.35
 #: Tile size and context padding of the tiled astroscrappy run, px.
 CR_TILE = 32
 CR_PAD = 8
@@ -141,24 +143,28 @@ def _shift_max(xp: ModuleType, a, r: int):
     return out
 
 
-def cosmic_ray_candidates(xp: ModuleType, image, invar, inmask, threshold: float = CR_PRESCREEN):
-    """Pixels that L.A.Cosmic could flag: ``(I - mean of the 4 neighbours) / noise > threshold``.
+def cosmic_ray_candidates(xp: ModuleType, image, invar, inmask, threshold: float = CR_PRESCREEN,
+                          sharpness: float = CR_SHARPNESS):
+    """Pixels that L.A.Cosmic could flag, without the cores of well-sampled stars.
 
     L.A.Cosmic's statistic on a 2x sub-sampled Laplacian reduces, per pixel, to
-    ``S = (I - mean4) / N``; it flags ``S - median5(S) > sigclip``. ``threshold`` sits a
-    little below ``sigclip`` so that every pixel astroscrappy would flag is a candidate.
-    Returns a boolean array (on ``xp``), grown by 3 pixels to cover neighbour growth.
+    ``S = (I - mean4) / N`` (``mean4``: the 4 nearest neighbours, ``N``: the noise); it flags
+    ``S - median5(S) > sigclip``. A candidate has ``S > threshold`` (a little below
+    ``sigclip``) and is sharp: ``I - mean4 > sharpness * (I - ring3)``, ``ring3`` being the
+    mean of the 4 pixels 3 px away along the axes. A cosmic-ray pixel (even inside a track,
+    or on a star's wing) has a ratio of 0.5-1; the core of a star of FWHM >= 2.6 px less than
+    0.35. Returns a boolean array (on ``xp``), grown by 3 pixels to cover neighbour growth.
     """
-    img = xp.asarray(image, dtype=xp.float32)
-    mean4 = xp.zeros_like(img)
-    mean4[1:-1, 1:-1] = (img[:-2, 1:-1] + img[2:, 1:-1] + img[1:-1, :-2] + img[1:-1, 2:]) * xp.float32(0.25)
+    f32 = xp.float32
+    img = xp.asarray(image, dtype=f32)
+    p = xp.pad(img, 3, mode="reflect")         # mirrored border: edge pixels get neighbours too
+    c = p[3:-3, 3:-3]
+    mean4 = (p[2:-4, 3:-3] + p[4:-2, 3:-3] + p[3:-3, 2:-4] + p[3:-3, 4:-2]) * f32(0.25)
+    ring3 = (p[:-6, 3:-3] + p[6:, 3:-3] + p[3:-3, :-6] + p[3:-3, 6:]) * f32(0.25)
+    lap = c - mean4
     with np.errstate(divide="ignore", invalid="ignore"):
-        s = (img - mean4) / xp.sqrt(xp.asarray(invar, dtype=xp.float32) * xp.float32(1.25))
-    cand = (s > xp.float32(threshold)) & ~xp.asarray(inmask, dtype=bool)
-    cand[0, :] = False
-    cand[-1, :] = False
-    cand[:, 0] = False
-    cand[:, -1] = False
+        s = lap / xp.sqrt(xp.asarray(invar, dtype=f32) * f32(1.25))
+    cand = (s > f32(threshold)) & (lap > f32(sharpness) * (c - ring3)) & ~xp.asarray(inmask, dtype=bool)
     return _shift_max(xp, cand, 3)
 
 

@@ -10,7 +10,9 @@ Steps, for a reduced frame, its background noise and the pixels already masked:
    ``SMALL_BLOB`` binned px, the fragments a faint trail breaks into) nor elongated (the
    ratio of the principal axes at least ``ELONGATION``).
 4. Hough transform of what is left (``NTHETA`` angles over 180 deg, 1-binned-px distance
-   bins); the strongest line must collect at least ``MIN_LENGTH / BIN`` votes.
+   bins); the strongest line must collect at least ``MIN_LENGTH / (2 BIN)`` votes, and more
+   than randomly placed candidates would give (``e + 6 sqrt(e)``, ``e`` the candidates'
+   density times the binned image's diagonal).
 5. Refine the line on the full-resolution S/N image (centroids of the median profile across
    the line in 128-px pieces, fitted with a clipped straight line), then check it: the median S/N profile across
    the line (along-line median at each perpendicular offset) must peak above ``PROFILE_SNR``
@@ -31,7 +33,7 @@ from scipy import ndimage
 
 BIN = 4
 BKG_BLOCK = 64
-DETECT_SNR = 2.5
+DETECT_SNR = 3.0
 SMALL_BLOB = 6
 ELONGATION = 3.0
 NTHETA = 720
@@ -331,7 +333,11 @@ def detect_trails(image: np.ndarray, noise: np.ndarray | float, masked: np.ndarr
     out = np.zeros(shape, dtype=bool)
     trails: list[Trail] = []
     ys, xs = np.nonzero(cand)
-    min_votes = MIN_LENGTH / BIN * 0.5
+    # a line must beat what randomly placed candidates give: at their density, a line as long
+    # as the binned image's diagonal collects ``e`` votes on average; ask for e + 6 sqrt(e)
+    density = ys.size / float(binned.size)
+    e = density * float(np.hypot(*binned.shape))
+    min_votes = max(MIN_LENGTH / BIN * 0.5, e + 6.0 * np.sqrt(e))
     tried: set[tuple[int, int]] = set()
     attempts = 0
     while len(trails) < max_trails and ys.size >= min_votes and attempts < 4 * max_trails:

@@ -92,7 +92,9 @@ class EngineParams:
     stamp_grid : (nx, ny)
         Stamp cells per region (HOTPANTS ``-nsx 10 -nsy 10``).
     per_cell : int
-        Stars per cell (HOTPANTS ``-nss 3``).
+        Stars fitted per cell. HOTPANTS keeps ``-nss 3`` candidates per stamp but fits one at a
+        time (the others replace rejected ones); 1 here, rejected stamps are simply dropped
+        (100 stamps per region fit as well as 300 and cost a third).
     detect_snr : float
         Minimum peak pixel S/N of a stamp star in both images.
     sat_fraction : float
@@ -117,7 +119,7 @@ class EngineParams:
     half_width: int | None = None
     stamp_half_width: int | None = None
     stamp_grid: tuple[int, int] = (10, 10)
-    per_cell: int = 3
+    per_cell: int = 1
     detect_snr: float = 10.0
     sat_fraction: float = 0.8
     clip: float = 3.0

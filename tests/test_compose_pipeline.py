@@ -52,17 +52,31 @@ pytestmark = [pytest.mark.docker]
 UNIT = "7DT01"
 NIGHT1 = "2025-01-15"
 NIGHT2 = "2025-01-16"
-SIM = dict(unit=UNIT, targets=1, filters=["m650", "r"], size=(1024, 768), extras=False, seed=11,
-           n_transients=4)
+# One target, one filter, with the extra visits: 3 visits (3 x 100 s, 3 x 300 s, 1 x 45 s), so three
+# stacks per night for two subtract replicas, all against the simulated 7DT reference.
+SIM = dict(unit=UNIT, targets=1, filters=["m650"], size=(1024, 768), extras=True, n_transients=4)
+SEED1, SEED2 = 11, 12  # night 2 observes another tile (its own references, sky grid and truth)
 NIGHT_TIMEOUT_S = float(os.environ.get("GPPY_TEST_NIGHT_TIMEOUT", "1200"))
 SWAP_TAG = f"{TAG}-swap"
 WCS_TOLERANCE_ARCSEC = 0.5  # SCAMP lands within ~0.05" of the truth here; a wrong solution is off by arcminutes
 
 
-def simulate(root: Path, night: str) -> Path:
+def simulate(root: Path, night: str, seed: int) -> Path:
+    """Simulate a night into the data root (night 2 while the stack runs, as a real night's files
+    arrive), hand the files to the pipeline user and set a short quiet period in path.json.
+    The umask keeps every new file usable by the pipeline user before the chown reaches it."""
     from gppy.sim import simulate as sim
 
-    return Path(sim(root, night=night, **SIM))
+    old = os.umask(0)
+    try:
+        config = Path(sim(root, night=night, seed=seed, **SIM))
+    finally:
+        os.umask(old)
+    cfg = json.loads(config.read_text())
+    cfg.setdefault("settings", {}).update(quiet_period_s=5.0, poll_interval_s=2.0)
+    config.write_text(json.dumps(cfg, indent=1))
+    chown_tree(root)
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +89,8 @@ def pipeline(tmp_path_factory):
     seconds = build_images(extra_env={k: built_with[k] for k in ("GPPY_VERSION", "GPPY_REVISION")})
     print(f"image build (base + 6 stages): {seconds:.1f} s")
     data = make_data_root()
-    config = simulate(data, NIGHT1)
-    cfg = json.loads(config.read_text())
-    cfg.setdefault("settings", {}).update(quiet_period_s=3.0, poll_interval_s=2.0)
-    config.write_text(json.dumps(cfg, indent=1))
     chown_tree(data)
+    simulate(data, NIGHT1, SEED1)
     stack = ComposeStack(data)
     stack.built_with = built_with
     logs = tmp_path_factory.mktemp("compose-logs") / "pipeline-stack.log"
@@ -133,6 +144,7 @@ def wait_night_done(stack: ComposeStack, night_id: str, timeout: float = NIGHT_T
 
 
 def truth(root: Path) -> dict:
+    """The simulator's truth of the night simulated last into ``root``."""
     return json.loads((root / "truth" / "night.json").read_text())
 
 
@@ -140,10 +152,10 @@ def expected_version() -> str:
     return image_env()["GPPY_VERSION"]
 
 
-def check_products(stack: ComposeStack, night_id: str, truth_root: Path) -> None:
+def check_products(stack: ComposeStack, night_id: str, tr: dict) -> None:
     """Every planned frame, stack and difference exists once, is owned by the pipeline user,
-    carries the image's version, and the frames' WCS matches the simulator's truth."""
-    tr = truth(truth_root)
+    carries the image's version, and the frames' WCS matches the simulator's truth ``tr``."""
+    truth_root = stack.data_root
     version = expected_version()
     evs = events(stack, night_id)
     kinds = [e.kind for e in evs]
@@ -271,6 +283,7 @@ def test_night_ready_from_the_host_reaches_calib(pipeline):
                for e in outcome), [e.kind for e in outcome]
 
 
+@pytest.mark.timeout(3600)
 def test_night_then_scale_swap_and_restart(pipeline):
     stack = pipeline
     stack.wait_healthy(["nats", *STAGES], timeout=300)
@@ -278,21 +291,17 @@ def test_night_then_scale_swap_and_restart(pipeline):
     night1 = naming.night_id(UNIT, root / "obsdata" / UNIT / f"{NIGHT1}_gain2750")
 
     # ---- night 1: found by the watcher, run to the end, products against the truth
+    truth1 = truth(root)
     done1 = wait_night_done(stack, night1)
     assert done1.status == "done"
-    check_products(stack, night1, root)
+    check_products(stack, night1, truth1)
 
     # ---- night 2 with subtraction held, then two replicas replaced mid-night by a new image
     stack.compose("stop", "subtract")
-    side = root.parent / "side"
-    side.mkdir()
-    simulate(side, NIGHT2)
-    src = side / "obsdata" / UNIT / f"{NIGHT2}_gain2750"
-    chown_tree(src)
-    dst = root / "obsdata" / UNIT / src.name
-    os.rename(src, dst)  # the night is dropped into the data root in one step
-    night2 = naming.night_id(UNIT, dst)
-    n_visits2 = len(truth(side)["visits"])
+    simulate(root, NIGHT2, SEED2)  # the night's files arrive in the data root while the stack runs
+    truth2 = truth(root)
+    night2 = naming.night_id(UNIT, root / "obsdata" / UNIT / f"{NIGHT2}_gain2750")
+    n_visits2 = len(truth2["visits"])
 
     def upstream_idle_and_subtraction_waiting() -> bool:
         if len(events(stack, night2, "stack.done")) < n_visits2:
@@ -324,7 +333,7 @@ def test_night_then_scale_swap_and_restart(pipeline):
         assert labels["org.opencontainers.image.revision"].endswith("-swap")
     done2 = wait_night_done(stack, night2)
     assert done2.status == "done"
-    check_products(stack, night2, side)
+    check_products(stack, night2, truth2)
     info = consumer(stack, "subtract-survey")
     subjects = list(info.config.filter_subjects or [info.config.filter_subject])
     assert info.num_pending == 0 and info.num_ack_pending == 0

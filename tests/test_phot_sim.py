@@ -55,7 +55,7 @@ def test_zero_points_against_truth(visit):
 
 def test_seeing_against_truth(visit):
     for res, truth in visit:
-        assert abs(res.seeing.seeing_arcsec / truth["fwhm_median_arcsec"] - 1) < 0.10
+        assert abs(res.seeing.seeing_arcsec / truth["fwhm_median_arcsec"] - 1) < 0.04
         assert abs(res.total.beta - truth["psf"]["beta"]) < 0.6
 
 

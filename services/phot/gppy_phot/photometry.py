@@ -29,7 +29,7 @@ from astropy.time import Time
 from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
 
-from gppy.fitsio import BadInputError, write_text
+from gppy.fitsio import BadInputError, write_fits, write_text
 from gppy.refcat import propagate_to_epoch
 from gppy_phot import catalog, depth, seeing, sextractor, zeropoint
 from gppy_phot.apertures import SUFFIXES, ZP_KEYS, ApertureSet, aperture_set
@@ -48,6 +48,10 @@ class PhotParams:
     """Settings of the photometry (v1's gphot.config values where v1 had them)."""
 
     match_radius_arcsec: float = 1.0
+    #: Cut frames larger than this (pixels) into bands measured by parallel Source Extractor
+    #: processes (one per usable CPU, at most ``max_bands``).
+    split_min_pixels: int = 8_000_000
+    max_bands: int = 4
     detect_significance: float = 4.0
     analysis_thresh: float = 1.5
     detect_minarea: int = 5
@@ -152,6 +156,24 @@ def _ref_mag(ref: Table, filt: str, index: np.ndarray, path: str) -> np.ndarray:
     return out
 
 
+def psf_from_reference(data: np.ndarray, mask: np.ndarray, ref: Table, ref_ra: np.ndarray, ref_dec: np.ndarray,
+                       info: ImageInfo, refpath: str) -> seeing.Seeing:
+    """Seeing from the pixels of the reference stars in v1's magnitude window (raises
+    ``ValueError`` when too few are usable)."""
+    col = f"mag_{info.filt}"
+    if col not in ref.colnames:
+        raise BadInputError(refpath, f"reference catalogue has no column {col!r}")
+    mag = np.asarray(ref[col], float)
+    lo, hi = seeing.SEEING_MAG_RANGE
+    with np.errstate(invalid="ignore"):
+        sel = (mag > lo) & (mag < hi)
+    if sel.sum() == 0:
+        raise ValueError("no reference star in the seeing window")
+    x, y = info.wcs.all_world2pix(ref_ra[sel], ref_dec[sel], 0)
+    inside = seeing.inside_ellipse(x + 1, y + 1, info.nx, info.ny) & np.isfinite(x) & np.isfinite(y)
+    return seeing.measure_psf(data, mask != 0, x[inside], y[inside], info.pixscale, info.saturation)
+
+
 def measure_seeing_from(pre: Table, ref_ra: np.ndarray, ref_dec: np.ndarray, ref: Table, info: ImageInfo,
                         radius: float, refpath: str) -> seeing.Seeing:
     """Seeing from the pre-run catalogue (matched stars, else bright point sources)."""
@@ -219,24 +241,33 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
     workdir.mkdir(parents=True, exist_ok=True)
     if mask is None:  # Source Extractor needs a flag image for IMAFLAGS_ISO: non-finite pixels
         mask = (~np.isfinite(data)).astype(np.uint16)
-    flag_path = sextractor.write_flag_image(mask, workdir / "flag.fits")
+    flag_path = workdir / "flag.fits"   # written when a whole-frame run needs it
     wpath = weight_path if weight_path is not None and Path(weight_path).exists() else None
     ref_ra, ref_dec = reference_positions(ref, info.obstime)
     lap("prepare")
 
-    # 1. pre-run for the seeing
-    pre_conv = write_text(workdir / "pre.conv", sextractor.gaussian_conv_text(PRE_SEEING_ARCSEC / info.pixscale))
-    pre_args = sextractor.build_args(
-        image_path, workdir / "pre.cat", sextractor.package_file("pre.param"), pre_conv, gain=info.gain,
-        saturation=info.saturation, seeing_arcsec=PRE_SEEING_ARCSEC, weight=wpath, flag=flag_path,
-        overrides={"DETECT_THRESH": sextractor.detect_thresh_for(PRE_DETECT_SIGNIFICANCE,
-                                                                 PRE_SEEING_ARCSEC / info.pixscale),
-                   "ANALYSIS_THRESH": 3.0,
-                   "DETECT_MINAREA": p.detect_minarea, "BACK_SIZE": p.back_size,
-                   "BACK_FILTERSIZE": p.back_filtersize, "CLEAN": "N"})
-    pre = sextractor.run(pre_args, workdir / "pre.cat", workdir).table
-    lap("sextractor_pre")
-    see = measure_seeing_from(pre, ref_ra, ref_dec, ref, info, p.match_radius_arcsec, refpath)
+    # 1. seeing from stamps of the reference stars (v1's window 11.75 < mag < 18); the
+    #    Source Extractor pre-run of v1 only when too few of them are usable
+    try:
+        see = psf_from_reference(data, mask, ref, ref_ra, ref_dec, info, refpath)
+        lap("seeing")
+    except ValueError as exc:
+        log.info("seeing from reference stars failed (%s): Source Extractor pre-run", exc)
+        if not flag_path.exists():
+            sextractor.write_flag_image(mask, flag_path)
+        pre_conv = write_text(workdir / "pre.conv",
+                              sextractor.gaussian_conv_text(PRE_SEEING_ARCSEC / info.pixscale))
+        pre_args = sextractor.build_args(
+            image_path, workdir / "pre.cat", sextractor.package_file("pre.param"), pre_conv, gain=info.gain,
+            saturation=info.saturation, seeing_arcsec=PRE_SEEING_ARCSEC, weight=wpath, flag=flag_path,
+            overrides={"DETECT_THRESH": sextractor.detect_thresh_for(PRE_DETECT_SIGNIFICANCE,
+                                                                     PRE_SEEING_ARCSEC / info.pixscale),
+                       "ANALYSIS_THRESH": 3.0,
+                       "DETECT_MINAREA": p.detect_minarea, "BACK_SIZE": p.back_size,
+                       "BACK_FILTERSIZE": p.back_filtersize, "CLEAN": "N"})
+        pre = sextractor.run(pre_args, workdir / "pre.cat", workdir).table
+        lap("sextractor_pre")
+        see = measure_seeing_from(pre, ref_ra, ref_dec, ref, info, p.match_radius_arcsec, refpath)
     aps = aperture_set(see.peeing_px, info.pixscale)
 
     # 2-3. main run
@@ -249,8 +280,8 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
                    "ANALYSIS_THRESH": p.analysis_thresh, "DETECT_MINAREA": p.detect_minarea,
                    "BACK_SIZE": p.back_size, "BACK_FILTERSIZE": p.back_filtersize,
                    "BACKPHOTO_TYPE": p.backphoto_type})
-    lap("seeing")
-    res = sextractor.run(args, workdir / "main.cat", workdir)
+    lap("prepare_main")
+    res = run_main(args, image_path, data, header, mask, wpath, workdir, aps, p)
     lap("sextractor_main")
     se = res.table
     if len(se) == 0:
@@ -330,6 +361,39 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
     lap("catalogue")
     return PhotResult(table=table, cards=cards, seeing=see, apertures=aps, zps=zps, depths=depths,
                       skyval=float(res.background), skysig=skysig, noise=noise, zp_inputs=zp_inputs, total=total)
+
+
+def run_main(args: list[str], image_path: Path, data: np.ndarray, header: fits.Header, mask: np.ndarray,
+             weight_path: Path | None, workdir: Path, aps: ApertureSet, p: PhotParams) -> sextractor.SexResult:
+    """The main Source Extractor run; a large frame is cut into horizontal bands (overlapping by
+    more than the largest aperture) measured in parallel, and the catalogues merged."""
+    ny, nx = data.shape
+    nbands = min(sextractor.usable_cpus(), p.max_bands) if data.size >= p.split_min_pixels else 1
+    if nbands <= 1:
+        flag = Path(args[args.index("-FLAG_IMAGE") + 1])
+        if not flag.exists():
+            sextractor.write_flag_image(mask, flag)
+        return sextractor.run(args, workdir / "main.cat", workdir)
+    overlap = int(max(128, 4 * aps.diameters["APER_5"]))
+    bands = sextractor.split_rows(ny, nbands, overlap)
+    weight = fits.getdata(weight_path, memmap=True) if weight_path is not None else None
+    jobs = []
+    for i, (y0, y1, _, _) in enumerate(bands):
+        h = header.copy()
+        if "CRPIX2" in h:
+            h["CRPIX2"] = float(h["CRPIX2"]) - y0
+        img_i = write_fits(workdir / f"band{i}.fits", np.ascontiguousarray(data[y0:y1]), h)
+        flag_i = sextractor.write_flag_image(mask[y0:y1], workdir / f"band{i}.flag.fits")
+        a = list(args)
+        a[0] = str(img_i)
+        a[a.index("-CATALOG_NAME") + 1] = str(workdir / f"band{i}.cat")
+        a[a.index("-FLAG_IMAGE") + 1] = str(flag_i)
+        if weight is not None:
+            w_i = write_fits(workdir / f"band{i}.weight.fits", np.asarray(weight[y0:y1], dtype=np.float32))
+            a[a.index("-WEIGHT_IMAGE") + 1] = str(w_i)
+        jobs.append((a, workdir / f"band{i}.cat", workdir))
+    results = sextractor.run_many(jobs, nbands)
+    return sextractor.merge_bands(results, bands)
 
 
 def header_cards(info: ImageInfo, see: seeing.Seeing, aps: ApertureSet, zps: dict[str, zeropoint.ZeroPoint],

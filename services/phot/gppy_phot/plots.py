@@ -31,7 +31,7 @@ def zp_figure_png(zp_inputs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]
     title : str
         Figure title (the image name).
     """
-    fig = Figure(figsize=(16, 7.5))
+    fig = Figure(figsize=(14, 6.5))
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 4).ravel()
     for ax, s in zip(axes, SUFFIXES, strict=False):
@@ -58,7 +58,7 @@ def zp_figure_png(zp_inputs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]
         ax.legend(fontsize=7, loc="upper left")
     axes[-1].set_visible(False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.07, top=0.92, wspace=0.28, hspace=0.35)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()

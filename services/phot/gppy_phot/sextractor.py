@@ -196,6 +196,65 @@ def run(args: list[str], catalog: Path, cwd: Path, timeout: float = 900.0) -> Se
     return SexResult(split_vector_columns(table), background, rms, threshold)
 
 
+def run_many(jobs: list[tuple[list[str], Path, Path]], max_workers: int) -> list[SexResult]:
+    """Run several Source Extractor jobs ``(args, catalog, cwd)`` at once (threads waiting on
+    processes: the Debian build is single-threaded, so this is how it uses several cores)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if max_workers <= 1 or len(jobs) == 1:
+        return [run(a, c, d) for a, c, d in jobs]
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        return list(pool.map(lambda j: run(*j), jobs))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use (the container's share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def split_rows(ny: int, nparts: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """Row ranges to cut an image into ``nparts`` horizontal bands.
+
+    Returns ``(y0, y1, core0, core1)`` per band (0-based, end exclusive): the band read is
+    [y0, y1), and its sources count when their centre lies in [core0, core1); the cores tile
+    the image and each band extends ``overlap`` rows beyond its core.
+    """
+    edges = np.linspace(0, ny, nparts + 1).round().astype(int)
+    out = []
+    for i in range(nparts):
+        c0, c1 = int(edges[i]), int(edges[i + 1])
+        out.append((max(0, c0 - overlap), min(ny, c1 + overlap), c0, c1))
+    return out
+
+
+def merge_bands(results: list[SexResult], bands: list[tuple[int, int, int, int]]) -> SexResult:
+    """One catalogue from the bands: sources whose centre lies in their band's core, with
+    Y_IMAGE (and YPEAK_IMAGE) moved to the full image, renumbered; the global background and
+    RMS are the bands' means."""
+    from astropy.table import vstack
+
+    parts = []
+    for res, (y0, _, c0, c1) in zip(results, bands, strict=True):
+        t = res.table
+        if len(t) == 0:
+            continue
+        yfull = np.asarray(t["Y_IMAGE"], float) + y0
+        keep = (yfull - 1 >= c0 - 0.5) & (yfull - 1 < c1 - 0.5)
+        t = t[keep]
+        t["Y_IMAGE"] = t["Y_IMAGE"] + y0
+        if "YPEAK_IMAGE" in t.colnames:
+            t["YPEAK_IMAGE"] = t["YPEAK_IMAGE"] + y0
+        parts.append(t)
+    table = vstack(parts, metadata_conflicts="silent") if parts else results[0].table[:0]
+    if "NUMBER" in table.colnames:
+        table["NUMBER"] = np.arange(1, len(table) + 1, dtype=table["NUMBER"].dtype)
+    return SexResult(table, float(np.nanmean([r.background for r in results])),
+                     float(np.nanmean([r.rms for r in results])), float(np.nanmean([r.threshold for r in results])))
+
+
 def _has_rows_hdu(catalog: Path) -> bool:
     from astropy.io import fits
 

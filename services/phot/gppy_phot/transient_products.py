@@ -106,8 +106,8 @@ def _robust_sigma(a: np.ndarray, n: int = 200000, seed: int = 0) -> float:
     return float(1.4826 * np.median(np.abs(v - np.median(v))))
 
 
-def _se_run(image: Path, workdir: Path, tag: str, info: DiffScience, aps, rms: Path, flag: Path,
-            params: PhotParams, tparams: transients.TransientParams) -> sextractor.SexResult:
+def _se_job(image: Path, workdir: Path, tag: str, info: DiffScience, aps, rms: Path, flag: Path,
+            params: PhotParams, tparams: transients.TransientParams) -> tuple[list[str], Path, Path]:
     conv = write_text(workdir / "diff.conv", sextractor.gaussian_conv_text(info.peeing))
     args = sextractor.build_args(
         image, workdir / f"{tag}.cat", sextractor.package_file("det.param"), conv, gain=0.0, saturation=1e15,
@@ -116,7 +116,7 @@ def _se_run(image: Path, workdir: Path, tag: str, info: DiffScience, aps, rms: P
         overrides={"DETECT_THRESH": sextractor.detect_thresh_for(tparams.detect_significance, info.peeing),
                    "ANALYSIS_THRESH": 1.5, "DETECT_MINAREA": params.detect_minarea, "BACK_SIZE": 64,
                    "BACK_FILTERSIZE": 3, "BACKPHOTO_TYPE": "GLOBAL", "WEIGHT_THRESH": BAD_RMS / 10})
-    return sextractor.run(args, workdir / f"{tag}.cat", workdir)
+    return args, workdir / f"{tag}.cat", workdir
 
 
 def calibrate_table(t: Table, filt: str, zps: dict[str, tuple[float, float]]) -> Table:
@@ -176,8 +176,9 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
     flag_path = sextractor.write_flag_image(bad.astype(np.uint16) if mask is None else (mask | bad.astype(np.uint16)),
                                             workdir / "flag.fits")
     neg_path = write_fits(workdir / "neg.fits", np.where(bad, 0.0, -diff).astype(np.float32), header)
-    pos = _se_run(diff_path, workdir, "pos", info, aps, rms_path, flag_path, p, tp)
-    neg = _se_run(neg_path, workdir, "neg", info, aps, rms_path, flag_path, p, tp)
+    pos, neg = sextractor.run_many([_se_job(diff_path, workdir, "pos", info, aps, rms_path, flag_path, p, tp),
+                                    _se_job(neg_path, workdir, "neg", info, aps, rms_path, flag_path, p, tp)],
+                                   sextractor.usable_cpus())
     phot = calibrate_table(pos.table, info.filt, info.zps)
 
     # ---- every detection of either sign

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gppy_phot.pixels import stamps
+
 #: Flag columns, with the v1 §10 item each stands for.
 FLAG_DOC = {
     "flag_inv_diff": "1: a detection of the opposite sign within SEEING (dipole / negative counterpart)",
@@ -57,23 +59,6 @@ class TransientParams:
 
 
 # ----------------------------------------------------------------------- forced measurements
-def _stamps(image: np.ndarray, x: np.ndarray, y: np.ndarray, half: int,
-            fill: float = np.nan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(n, m, m) stamps around 0-based (x, y) rounded, with ``fill`` outside the image; also the
-    offsets (dx, dy) of each stamp pixel from the exact position."""
-    ny, nx = image.shape
-    ix = np.rint(x).astype(np.int64)
-    iy = np.rint(y).astype(np.int64)
-    off = np.arange(-half, half + 1)
-    yy = iy[:, None, None] + off[None, :, None]
-    xx = ix[:, None, None] + off[None, None, :]
-    inside = (xx >= 0) & (xx < nx) & (yy >= 0) & (yy < ny)
-    vals = np.where(inside, np.asarray(image)[np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)], fill)
-    dx = xx - x[:, None, None]
-    dy = yy - y[:, None, None]
-    return vals.astype(np.float64), np.broadcast_to(dx, vals.shape), np.broadcast_to(dy, vals.shape)
-
-
 def aperture_weights(dx: np.ndarray, dy: np.ndarray, radius: float) -> np.ndarray:
     """Fraction of each pixel inside a circle of ``radius`` (px), a linear ramp across the edge
     (exact to a few 0.1 % of the aperture area for radii of a few pixels)."""
@@ -121,10 +106,10 @@ def forced_aperture(image: np.ndarray, x: np.ndarray, y: np.ndarray, radius: flo
         return Forced(z, z, z, z.astype(int))
     r_in, r_out = annulus if annulus is not None else (radius + 4.0, radius + 12.0)
     half = int(np.ceil(max(radius, r_out))) + 1
-    vals, dx, dy = _stamps(image, x, y, half)
+    vals, dx, dy = stamps(image, x, y, half)
     badst = ~np.isfinite(vals)
     if bad is not None:
-        b, _, _ = _stamps(bad.astype(np.float32), x, y, half, fill=1.0)
+        b, _, _ = stamps(bad, x, y, half, fill=1.0)
         badst |= b > 0
     w = aperture_weights(dx, dy, radius)
     r = np.hypot(dx, dy)
@@ -144,7 +129,7 @@ def forced_aperture(image: np.ndarray, x: np.ndarray, y: np.ndarray, radius: flo
     area = (w * ~badst).reshape(n, -1).sum(axis=1)
     flux = (w * v0).reshape(n, -1).sum(axis=1) - bkg * area
     if sigma is not None:
-        s, _, _ = _stamps(sigma, x, y, half, fill=0.0)
+        s, _, _ = stamps(sigma, x, y, half, fill=0.0)
         s = np.where(badst | ~np.isfinite(s), 0.0, s)
         var = ((w * s) ** 2).reshape(n, -1).sum(axis=1)
         with np.errstate(invalid="ignore"):
@@ -198,11 +183,11 @@ def forced_psf(diff: np.ndarray, sigma: np.ndarray, x: np.ndarray, y: np.ndarray
         z = np.zeros(0)
         return PsfFit(z, z, z, z, z)
     half = int(np.ceil(2 * fwhm_px)) + 1
-    d, dx, dy = _stamps(diff, x, y, half)
-    s, _, _ = _stamps(sigma, x, y, half, fill=0.0)
+    d, dx, dy = stamps(diff, x, y, half)
+    s, _, _ = stamps(sigma, x, y, half, fill=0.0)
     badst = ~np.isfinite(d) | ~np.isfinite(s) | (s <= 0)
     if bad is not None:
-        b, _, _ = _stamps(bad.astype(np.float32), x, y, half, fill=1.0)
+        b, _, _ = stamps(bad, x, y, half, fill=1.0)
         badst |= b > 0
     r = np.hypot(dx, dy)
     use = (r <= 2 * fwhm_px) & ~badst
@@ -229,7 +214,7 @@ def box_fraction(sig: np.ndarray, x: np.ndarray, y: np.ndarray, half: int, thres
                  sign: np.ndarray) -> np.ndarray:
     """Fraction of the pixels in a (2 half + 1)^2 box where ``sign x sig < -threshold``
     (significantly of the opposite sign; NaN pixels do not count)."""
-    v, _, _ = _stamps(sig, x, y, half)
+    v, _, _ = stamps(sig, x, y, half)
     good = np.isfinite(v)
     opp = good & ((np.asarray(sign)[:, None, None] * v) < -threshold)
     n = len(np.atleast_1d(x))
@@ -239,7 +224,7 @@ def box_fraction(sig: np.ndarray, x: np.ndarray, y: np.ndarray, half: int, thres
 def any_in_radius(bad: np.ndarray, x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
     """True where a ``bad`` pixel lies within ``radius`` px (outside the image counts as bad)."""
     half = int(np.ceil(radius))
-    v, dx, dy = _stamps(bad.astype(np.float32), x, y, half, fill=1.0)
+    v, dx, dy = stamps(bad, x, y, half, fill=1.0)
     inside = np.hypot(dx, dy) <= radius
     n = len(np.atleast_1d(x))
     return ((v > 0) & inside).reshape(n, -1).any(axis=1)
@@ -249,9 +234,9 @@ def min_significance(image: np.ndarray, sigma: float | np.ndarray, x: np.ndarray
                      radius: float) -> np.ndarray:
     """Most negative value / sigma within ``radius`` (for the inverted-reference check)."""
     half = int(np.ceil(radius))
-    v, dx, dy = _stamps(image, x, y, half)
+    v, dx, dy = stamps(image, x, y, half)
     if np.ndim(sigma) == 2:
-        s, _, _ = _stamps(sigma, x, y, half, fill=np.nan)
+        s, _, _ = stamps(sigma, x, y, half, fill=np.nan)
     else:
         s = np.full(v.shape, float(sigma))
     inside = (np.hypot(dx, dy) <= radius) & np.isfinite(v) & np.isfinite(s) & (s > 0)

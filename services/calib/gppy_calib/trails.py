@@ -9,10 +9,10 @@ Steps, for a reduced frame, its background noise and the pixels already masked:
 3. Drop compact blobs (stars, galaxies): connected groups that are neither small (at most
    ``SMALL_BLOB`` binned px, the fragments a faint trail breaks into) nor elongated (the
    ratio of the principal axes at least ``ELONGATION``).
-4. Hough transform of what is left (``NTHETA`` angles over 180 deg, 1-binned-px distance
-   bins); the strongest line must collect at least ``MIN_LENGTH / (2 BIN)`` votes, and more
-   than randomly placed candidates would give (``e + 6 sqrt(e)``, ``e`` the candidates'
-   density times the binned image's diagonal).
+4. Hough transform of what is left, coarse then fine (:func:`_hough_peak`); the strongest
+   line must collect more votes than randomly placed candidates would give in its coarse
+   cell (``e + 6 sqrt(e)``, ``e`` the candidates' density times the cell's area) and at least
+   ``MIN_LENGTH / (2 BIN)`` votes on the fine line.
 5. Refine the line on the full-resolution S/N image (centroids of the median profile across
    the line in 128-px pieces, fitted with a clipped straight line), then check it: the median S/N profile across
    the line (along-line median at each perpendicular offset) must peak above ``PROFILE_SNR``
@@ -36,7 +36,7 @@ BKG_BLOCK = 64
 DETECT_SNR = 3.0
 SMALL_BLOB = 6
 ELONGATION = 3.0
-NTHETA = 720
+NTHETA = 360
 MIN_LENGTH = 200.0
 SEARCH_HALF = 6.0
 PROFILE_SNR = 0.6
@@ -69,32 +69,45 @@ class Trail:
     peak_snr: float
 
 
-def _block_background(image: np.ndarray, good: np.ndarray, block: int) -> np.ndarray:
+def _block_median(image: np.ndarray, good: np.ndarray, block: int, step: int = 4) -> np.ndarray:
+    """Median of the good pixels of each ``block`` x ``block`` box (every ``step``-th pixel in
+    each axis), median-filtered over 3 x 3 boxes; boxes without good pixels take the overall
+    median. Shape ``(ceil(ny / block), ceil(nx / block))``."""
     ny, nx = image.shape
     by, bx = -(-ny // block), -(-nx // block)
-    pad = np.full((by * block, bx * block), np.nan, np.float32)
-    pad[:ny, :nx] = np.where(good, image, np.nan)
-    blocks = pad.reshape(by, block, bx, block).transpose(0, 2, 1, 3).reshape(by, bx, -1)
-    with np.errstate(all="ignore"):
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            med = np.nanmedian(blocks, axis=2)
-    fill = np.nanmedian(med) if np.isfinite(med).any() else 0.0
+    sub = np.where(good, image, np.nan)[::step, ::step]
+    b = block // step
+    pad = np.full((by * b, bx * b), np.nan, np.float32)
+    pad[:sub.shape[0], :sub.shape[1]] = sub
+    vals = np.sort(pad.reshape(by, b, bx, b).transpose(0, 2, 1, 3).reshape(by, bx, b * b), axis=2)
+    count = np.isfinite(vals).sum(axis=2)
+    lo = np.maximum(count - 1, 0) // 2
+    hi = np.maximum(count, 1) // 2
+    hi = np.where(count % 2 == 1, lo, hi)
+    med = 0.5 * (np.take_along_axis(vals, lo[..., None], axis=2)[..., 0]
+                 + np.take_along_axis(vals, hi[..., None], axis=2)[..., 0])
+    med = np.where(count > 0, med, np.nan)
+    fill = float(np.nanmedian(med)) if np.isfinite(med).any() else 0.0
     med = np.where(np.isfinite(med), med, fill).astype(np.float32)
-    med = ndimage.median_filter(med, size=3, mode="nearest")
-    return np.repeat(np.repeat(med, block, axis=0), block, axis=1)[:ny, :nx]
+    return ndimage.median_filter(med, size=3, mode="nearest")
 
 
 def snr_image(image: np.ndarray, noise: np.ndarray | float, masked: np.ndarray) -> np.ndarray:
     """Background-subtracted S/N per pixel; 0 on masked or non-finite pixels."""
     image = np.asarray(image, dtype=np.float32)
     good = ~np.asarray(masked, dtype=bool) & np.isfinite(image)
-    bkg = _block_background(image, good, BKG_BLOCK)
+    med = _block_median(image, good, BKG_BLOCK)
+    ny, nx = image.shape
+    by, bx = med.shape
+    snr = np.zeros((by * BKG_BLOCK, bx * BKG_BLOCK), np.float32)
+    snr[:ny, :nx] = image
+    view = snr.reshape(by, BKG_BLOCK, bx, BKG_BLOCK)
+    view -= med[:, None, :, None]
+    snr = snr[:ny, :nx]
     with np.errstate(all="ignore"):
-        snr = (image - bkg) / np.asarray(noise, dtype=np.float32)
+        snr /= np.asarray(noise, dtype=np.float32)
     snr[~good | ~np.isfinite(snr)] = 0.0
-    return snr.astype(np.float32)
+    return snr
 
 
 def _bin(snr: np.ndarray, b: int) -> np.ndarray:
@@ -126,25 +139,50 @@ def _candidate_pixels(binned: np.ndarray) -> np.ndarray:
     return keep_lut[labels]
 
 
-def _hough_peak(ys: np.ndarray, xs: np.ndarray, shape: tuple[int, int]) -> tuple[int, float, float]:
-    """(votes, theta, rho) of the strongest line through the points (binned coordinates)."""
-    theta = np.linspace(0.0, np.pi, NTHETA, endpoint=False)
-    diag = int(np.ceil(np.hypot(*shape))) + 1
-    nrho = 2 * diag + 1
-    cos, sin = np.cos(theta), np.sin(theta)
+def _accumulate(ys: np.ndarray, xs: np.ndarray, thetas: np.ndarray, rho_bin: float,
+                diag: float) -> tuple[int, float, float]:
+    """(votes, theta, rho) of the fullest (theta, rho-bin) cell; rho bins of ``rho_bin``."""
+    offset = int(np.ceil(diag / rho_bin)) + 1
+    nrho = 2 * offset + 1
+    cos, sin = np.cos(thetas), np.sin(thetas)
     best = (0, 0.0, 0.0)
     chunk = max(1, 4_000_000 // max(1, xs.size))
-    for t0 in range(0, NTHETA, chunk):
+    for t0 in range(0, thetas.size, chunk):
         c, s = cos[t0:t0 + chunk], sin[t0:t0 + chunk]
-        rho = np.rint(xs[None, :] * c[:, None] + ys[None, :] * s[:, None]).astype(np.int64) + diag
+        rho = np.floor((xs[None, :] * c[:, None] + ys[None, :] * s[:, None]) / rho_bin + 0.5).astype(np.int64)
         k = c.size
-        flat = (np.arange(k)[:, None] * nrho + rho).ravel()
-        acc = np.bincount(flat, minlength=k * nrho)
+        acc = np.bincount((np.arange(k)[:, None] * nrho + rho + offset).ravel(), minlength=k * nrho)
         i = int(acc.argmax())
         if acc[i] > best[0]:
             ti, ri = divmod(i, nrho)
-            best = (int(acc[i]), float(theta[t0 + ti]), float(ri - diag))
+            best = (int(acc[i]), float(thetas[t0 + ti]), float((ri - offset) * rho_bin))
     return best
+
+
+def _hough_peak(ys: np.ndarray, xs: np.ndarray, shape: tuple[int, int]) -> tuple[int, int, float, float, float]:
+    """The strongest line through the points (binned coordinates), in two stages.
+
+    A coarse pass over ``NTHETA`` angles uses distance bins as wide as a line drifts over the
+    image's diagonal ``L`` between two angles (``L pi / NTHETA``); a fine pass, on the points
+    near the coarse line only, steps the angle by ``1 / L`` rad with 1-px distance bins.
+
+    Returns
+    -------
+    coarse_votes, votes : int
+        Votes of the coarse cell and of the fine line.
+    rho_bin : float
+        Width of the coarse distance bins (binned px).
+    theta, rho : float
+        The fine line ``x cos(theta) + y sin(theta) = rho``.
+    """
+    diag = float(np.hypot(*shape))
+    step = np.pi / NTHETA
+    rho_bin = max(1.0, diag * step)
+    coarse, th_c, rho_c = _accumulate(ys, xs, np.arange(NTHETA) * step, rho_bin, diag)
+    near = np.abs(xs * np.cos(th_c) + ys * np.sin(th_c) - rho_c) <= 1.5 * rho_bin
+    fine_thetas = th_c + np.arange(-step, step, 1.0 / diag)
+    votes, theta, rho = _accumulate(ys[near], xs[near], fine_thetas, 1.0, diag)
+    return coarse, votes, rho_bin, theta, rho
 
 
 def _strip(shape: tuple[int, int], theta: float, rho: float, half: float):
@@ -333,17 +371,20 @@ def detect_trails(image: np.ndarray, noise: np.ndarray | float, masked: np.ndarr
     out = np.zeros(shape, dtype=bool)
     trails: list[Trail] = []
     ys, xs = np.nonzero(cand)
-    # a line must beat what randomly placed candidates give: at their density, a line as long
-    # as the binned image's diagonal collects ``e`` votes on average; ask for e + 6 sqrt(e)
+    # a line must beat what randomly placed candidates give: at their density, a coarse cell
+    # (as long as the binned image's diagonal, rho_bin wide) gets ``e`` votes on average; ask
+    # for e + 6 sqrt(e) there, and for MIN_LENGTH / (2 BIN) votes on the fine line
     density = ys.size / float(binned.size)
-    e = density * float(np.hypot(*binned.shape))
-    min_votes = max(MIN_LENGTH / BIN * 0.5, e + 6.0 * np.sqrt(e))
+    diag = float(np.hypot(*binned.shape))
+    min_votes = MIN_LENGTH / BIN * 0.5
     tried: set[tuple[int, int]] = set()
     attempts = 0
     while len(trails) < max_trails and ys.size >= min_votes and attempts < 4 * max_trails:
         attempts += 1
-        votes, theta, rho = _hough_peak(ys.astype(np.float64), xs.astype(np.float64), binned.shape)
-        if votes < min_votes:
+        coarse, votes, rho_bin, theta, rho = _hough_peak(ys.astype(np.float64), xs.astype(np.float64),
+                                                         binned.shape)
+        e = density * diag * rho_bin
+        if coarse < e + 6.0 * np.sqrt(e) or votes < min_votes:
             break
         key = (int(round(np.degrees(theta) * 2)), int(round(rho)))
         # binned coordinates -> full resolution (binned pixel centre is at BIN*i + (BIN-1)/2)

@@ -69,13 +69,21 @@ def test_service_photometry_and_failures(settings, tmp_path):
     img = syn.add_noise(syn.noiseless_image(fld), fld.gain, fld.rdnoise, rng)
     single, sw, sm = cp.write_frame(dirs.base, fld, img, unit=UNIT, obj=OBJ)
     raw_bytes = single.read_bytes()
-    img2 = syn.add_noise(syn.noiseless_image(fld), fld.gain, fld.rdnoise, rng)
+    # the stack holds two new point sources (S/N ~ 40) that the reference lacks
+    tx, ty = np.array([300.4, 610.7]), np.array([250.2, 500.9])
+    model = syn.noiseless_image(fld)
+    tmodel = model + syn.render_sources(fld.shape, tx, ty, np.full(2, 3.0e4), fld.fwhm_px, fld.beta)
+    img2 = syn.add_noise(tmodel, fld.gain, fld.rdnoise, rng)
     stack, kw, km = cp.write_frame(dirs.base, fld, img2, unit=UNIT, obj=OBJ,
                                    name=stack_name(UNIT, OBJ, "2024-04-23T03:30:00", FILT, 180))
     cp.write_refcat(paths.path_refcat, fld, obj=OBJ)
     # a frame of a field without a reference catalogue: reported, not retried for ever
     other = ProductDirs.of(paths.path_processed, "T09999", UNIT, FILT)
     lonely, lw, lm = cp.write_frame(other.base, fld, img, unit=UNIT, obj="T09999")
+    # a frame whose weight map is not FITS: Source Extractor fails on every attempt; after the
+    # retries the service still answers phot.done ok=False (nothing waits for it)
+    broken, bw, bm = cp.write_frame(dirs.base, fld, img, unit=UNIT, obj=OBJ, date_obs="2024-04-23T03:40:00")
+    bw.write_bytes(b"not a FITS file" * 300)
 
     common = dict(night_id=NIGHT, unit=UNIT, filter=FILT)
     events = [
@@ -89,17 +97,44 @@ def test_service_photometry_and_failures(settings, tmp_path):
         DifferenceDone(science_path=str(stack), object=OBJ, ok=False, reason="no reference", **common),
         FrameSolved(path=str(lonely), weight_path=str(lw), mask_path=str(lm), object="T09999", exptime=60.0,
                     date_obs="2024-04-23T03:28:04", visit="v9", **common),
+        FrameSolved(path=str(broken), weight_path=str(bw), mask_path=str(bm), object=OBJ, exptime=60.0,
+                    date_obs="2024-04-23T03:40:00", visit="v2", **common),
     ]
     proc = start_service(settings)
     try:
         asyncio.run(publish(settings, events))
         done = asyncio.run(collect(settings, "phot.done", len(events), timeout=120))
-        failed = asyncio.run(collect(settings, "stage.failed", 1, timeout=10))
+        failed = asyncio.run(collect(settings, "stage.failed", 2, timeout=30))
+        # the difference of the photometered stack (its header now has ZP_*, SEEING ...) against
+        # a deeper reference made with the same PSF (perfectly PSF-matched)
+        tdir = dirs.transient
+        tdir.mkdir(parents=True, exist_ok=True)
+        dpath = tdir / (stack.name[:-5] + ".subt.fits")
+        sig_r = fld.sky_sigma / 3                       # a deeper reference
+        conv = model + rng.normal(0, sig_r, model.shape)
+        fits.writeto(dpath, (fits.getdata(stack) - conv).astype(np.float32), fits.getheader(stack))
+        npath = tdir / (stack.name[:-5] + ".subt.noise.fits")
+        fits.writeto(npath, np.sqrt(tmodel / fld.gain + (fld.rdnoise / fld.gain) ** 2 + sig_r**2).astype(np.float32))
+        cpath = tdir / "ref_PS1_T00001_20240423_033000_m650_0.conv.fits"
+        fits.writeto(cpath, (conv - fld.sky).astype(np.float32), fits.getheader(stack))
+        asyncio.run(publish(settings, [DifferenceDone(science_path=str(stack), object=OBJ, path=str(dpath),
+                                                      noise_path=str(npath), mask_path="", conv_path=str(cpath),
+                                                      reference_path="", **common)]))
+        done += [d for d in asyncio.run(collect(settings, "phot.done", len(events) + 1, timeout=120))
+                 if d.image_kind == "difference" and d.ok]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     by_path = {(d.image_path, d.image_kind): d for d in done}
-    assert len(done) == len(events), [d.image_path for d in done]
+    diff = by_path[(str(dpath), "difference")]
+    assert diff.ncandidates == 2, diff
+    cands = Table.read(diff.candidates_path, format="ascii")
+    cands = cands[cands["candidate"]]
+    assert sorted(np.round(cands["X_IMAGE"] - 1)) == sorted(np.round(tx))
+    assert set(cands["label"]) == {"new"}
+    assert len(list(dirs.png_image.glob("*.png"))) == 6 and len(list(dirs.fits_image.glob("*.fits"))) == 6
+    assert diff.catalogue_path.endswith(".subt.phot.cat")
+    assert len(done) == len(events) + 1, [d.image_path for d in done]
 
     d = by_path[(str(single), "single")]
     assert d.ok and d.catalogue_path.endswith(".phot.cat")
@@ -127,6 +162,10 @@ def test_service_photometry_and_failures(settings, tmp_path):
     lone = by_path[(str(lonely), "single")]
     assert not lone.ok and "reference catalogue" in lone.reason
     assert any(x.item_path == str(lonely) and x.stage == "phot" for x in failed)
+    b = by_path[(str(broken), "single")]
+    assert not b.ok and "sextractor" in b.reason.lower()
+    assert any(x.item_path == str(broken) for x in failed)
+    assert "ZP_AUTO" not in fits.getheader(broken)
     # the ledger can see the outcome of each: every event answered exactly once
     assert len({(x.image_path, x.image_kind) for x in done}) == len(done)
     json.dumps([x.model_dump() for x in done])

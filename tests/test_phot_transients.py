@@ -282,3 +282,31 @@ def test_cutout_orientation_on_a_rotated_image():
         masked[ye - 5:ye + 6, xe - 5:xe + 6] = 0
         yn, xn = np.unravel_index(np.argmax(masked), data.shape)
         assert yn > c + 10 and abs(xn - c) < 2        # north = up (higher row = north in FITS)
+
+
+def test_false_candidates_in_pure_noise(tmp_path):
+    """A difference of pure Gaussian noise: the candidates left are the noise peaks above
+    snr_min, as many as the peaks of a smoothed Gaussian random field predict (the expected
+    Euler characteristic A lambda2 / (2 pi)^1.5 u exp(-u^2/2) per sign, lambda2 = 1/(2 s^2)
+    for a Gaussian PSF of width s), and nothing else."""
+    from gppy_phot.transient_products import search
+
+    rng = np.random.default_rng(3)
+    n, sigma = 1500, 10.0
+    fwhm = 4.6
+    diff = rng.normal(0, sigma, (n, n)).astype(np.float32)
+    h = syn.make_wcs(n, n).to_header()
+    h.update({"SEEING": fwhm * syn.PIXSCALE, "PEEING": fwhm, "ELLIP": 0.03, "ELONG": 1.03, "FILTER": FILT,
+              "DATE-OBS": TIMES[0], "ZP_1": 28.0, "EZP_1": 0.01, "ZP_3": 28.0, "ZP_5": 28.0})
+    path = tmp_path / "noise.subt.fits"
+    fits.writeto(path, diff, h, overwrite=True)
+    res = search(path, diff, fits.getheader(path), np.full(diff.shape, sigma, np.float32), None, None, None, 0.0,
+                 None, None, None, [], tmp_path / "w")
+    t = res.transients
+    ncand = int(np.sum(t["candidate"]))
+    s = fwhm / 2.3548
+    u = transients.TransientParams().snr_min
+    expected = 2 * n * n / (2 * s * s) / (2 * np.pi) ** 1.5 * u * np.exp(-u * u / 2)
+    # Poisson upper bound at ~3 sigma (the vetting only removes some of them)
+    assert ncand <= expected + 3 * np.sqrt(expected) + 1, (ncand, expected)
+    assert np.all(np.abs(np.asarray(t["snr_psf"])[np.asarray(t["candidate"], bool)]) >= u)

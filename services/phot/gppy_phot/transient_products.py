@@ -311,6 +311,21 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
 
 
 # ----------------------------------------------------------------------------- service side
+#: Science keys the photometry of a difference uses; taken from the science image when the
+#: subtract stage did not carry them into the difference header.
+SCIENCE_KEYS = ("SEEING", "PEEING", "ELLIP", "ELONG", "COGBETA", "FILTER", "DATE-OBS", "UL5_1", "EGAIN") + tuple(
+    f"{pre}{ZP_KEYS[s]}" for s in SUFFIXES for pre in ("ZP_", "EZP_"))
+
+
+def with_science_keys(diff_header: fits.Header, sci_header: fits.Header) -> fits.Header:
+    """The difference header completed with the science keys it lacks."""
+    h = diff_header.copy()
+    for key in SCIENCE_KEYS:
+        if key not in h and key in sci_header:
+            h[key] = sci_header[key]
+    return h
+
+
 def _singles_of(science_header: fits.Header, dirs: ProductDirs) -> list[transients.SingleDetections]:
     """Unmatched detections of the stack's input singles, from their phot catalogues."""
     names = [str(v) for k, v in science_header.items() if k.startswith(("IMCMB", "PROVIN"))]
@@ -396,6 +411,7 @@ def difference_products(event, processed: Path, scratch_root: Path, params: Phot
     if mask is not None and mask.shape != diff.shape:
         raise BadInputError(event.mask_path, "difference mask of another shape")
     science, sci_header = read_image(event.science_path)
+    header = with_science_keys(header, sci_header)
     if science.shape != diff.shape:
         science = None
     sci_sigma = None

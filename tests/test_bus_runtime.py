@@ -159,7 +159,7 @@ def test_bad_messages_are_dead_lettered_with_reasons(settings, tmp_path):
         "outside the configured data roots": json.dumps({**base, "night_dir": "/etc"}).encode(),
         "outside the configured data roots ": json.dumps({**base, "night_dir": str(link)}).encode(),
         "not absolute": json.dumps({**base, "night_dir": "../../etc"}).encode(),
-        "exceeds the limit": json.dumps({**base, "targets": ["x" * 1000] * 300}).encode(),
+        "exceeds the limit": json.dumps({**base, "targets": ["x" * 1000] * 950}).encode(),
     }
     try:
         asyncio.run(publish_all(settings, raw=[("gppy.survey.night.ready", d) for d in cases.values()]))
@@ -254,3 +254,22 @@ def _ok(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_rerun_of_a_night_is_not_swallowed_by_deduplication(settings, tmp_path):
+    """A new night-ready attempt is a new run: its events get new message ids."""
+    out = tmp_path / "records"
+    probe = start_probe(settings, out)
+    try:
+        first = night(settings, 6).model_copy(update={"attempt": 1})
+        asyncio.run(publish_all(settings, [first]))
+        wait_until(lambda: len(records(out, "start")) == 1, 30, "first run")
+        again = first.model_copy(update={"attempt": 2})
+        asyncio.run(publish_all(settings, [again]))
+        wait_until(lambda: len(records(out, "start")) == 2, 30, "second run")
+        time.sleep(1.0)
+        outs = [parse(m.data) for m in asyncio.run(stream_messages(settings, "gppy.survey.night.done"))]
+        assert sorted(o.run for o in outs) == [1, 2]
+    finally:
+        probe.terminate()
+        probe.wait(10)

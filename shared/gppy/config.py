@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     ack_wait_s: float = 60.0
     heartbeat_s: float = 15.0
     concurrency: int = 1
-    max_message_bytes: int = 256 * 1024
+    max_message_bytes: int = 900_000  # under nats-server's default 1 MiB payload limit
     http_host: str = "0.0.0.0"
     http_port: int = 0
     api_token: str | None = None
@@ -139,6 +139,8 @@ class Settings(BaseSettings):
     poll_interval_s: float = 10.0
     process_test_nights: bool = False
     night_max_attempts: int = 3
+    night_stall_timeout_s: float = 1800.0
+    night_patterns: dict[str, str] | None = None  # {"survey"|"too"|"test": regex} overrides
     slack_channel: str = "#pipeline"
     slack_token: str | None = None
     slack_base_url: str | None = None

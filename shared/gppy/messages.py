@@ -37,6 +37,7 @@ class Event(BaseModel):
     night_id: str
     unit: str
     lane: Lane = "survey"
+    run: int = 0
     created: str = Field(default_factory=_now)
 
     def subject(self, prefix: str = "gppy") -> str:
@@ -53,7 +54,10 @@ class Event(BaseModel):
         return out
 
     def msg_id(self) -> str:
-        """Content hash without the creation time: the same event twice has the same id."""
+        """Content hash without the creation time: the same event twice has the same id.
+
+        ``run`` is part of the content, so a re-run of a night (a new night-ready attempt) is
+        not swallowed by JetStream's de-duplication window."""
         body = self.model_dump(exclude={"created"})
         return f"{self.kind}:{hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]}"
 
@@ -93,7 +97,11 @@ class NightPlan(Event):
 
 
 class FrameCalibrated(Event):
-    """calib -> astrometry: one reduced science frame with its weight and mask."""
+    """calib -> astrometry: one reduced science frame with its weight and mask.
+
+    ``ok=False`` (with ``reason``) reports a planned frame that could not be reduced; the
+    astrometry stage forwards it as a failed ``frame.solved`` so that its visit does not wait.
+    """
 
     kind: Literal["frame.calibrated"] = "frame.calibrated"
     path: str
@@ -105,6 +113,8 @@ class FrameCalibrated(Event):
     exptime: float
     date_obs: str
     visit: str
+    ok: bool = True
+    reason: str = ""
 
 
 class FrameSolved(Event):
@@ -236,6 +246,8 @@ def check_paths(event: Event, roots: list[Path]) -> None:
     """Refuse a message naming a path outside the data roots (``..`` and symlinks resolved)."""
     real_roots = [Path(os.path.realpath(r)) for r in roots]
     for p in event.paths():
+        if not p:
+            continue
         if not os.path.isabs(p):
             raise MessageError(f"path {p!r} is not absolute")
         real = Path(os.path.realpath(p))

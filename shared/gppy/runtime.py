@@ -14,8 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import json
 import logging
+import os
+import re
 import signal
+import socket
+import sys
 import time
 from typing import ClassVar
 
@@ -31,10 +37,30 @@ from gppy.logs import frame_var, night_var, setup_logging
 from gppy.messages import Event, MessageError, StageFailed, check_paths, parse
 
 log = logging.getLogger(__name__)
+#: The run (night-ready attempt) of the message being handled; stamped on every event published.
+run_var: contextvars.ContextVar[int] = contextvars.ContextVar("run", default=0)
 
 
 class PermanentError(Exception):
     """A failure that retrying cannot fix (bad input, no solution): reported, not retried."""
+
+
+#: Entries of the services bucket expire this long after a replica's last heartbeat (s).
+SERVICES_TTL_S = 30.0
+
+
+def services_bucket(settings: Settings) -> str:
+    """The KV bucket where every running replica announces itself (``gppy-services``).
+
+    Keys are ``<stage>.<replica id>``; values are JSON (:meth:`StageService.presence`). The
+    bucket's entries expire after :data:`SERVICES_TTL_S`, so a replica that died disappears.
+    """
+    return f"{settings.stream.lower()}-services"
+
+
+def replica_id() -> str:
+    """``<hostname>-<pid>``, restricted to the characters a KV key may hold."""
+    return re.sub(r"[^-_a-zA-Z0-9]", "-", f"{socket.gethostname()}-{os.getpid()}")
 
 
 class StageService:
@@ -42,6 +68,8 @@ class StageService:
 
     name: ClassVar[str] = "stage"
     consumes: ClassVar[list[str]] = []
+    #: Seconds between two heartbeats in the services bucket (and queue-depth readings).
+    presence_every_s: float = 5.0
 
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or load_settings()
@@ -62,8 +90,15 @@ class StageService:
         self.m_inflight = Gauge("gppy_inflight", "Messages being handled", ["stage"], registry=self.registry)
         self.m_step = Histogram("gppy_step_seconds", "Duration of named steps", ["stage", "step"],
                                 registry=self.registry, buckets=(0.05, 0.2, 1, 5, 20, 60, 300))
+        self.m_queue = Gauge("gppy_queue_pending", "Messages waiting in the stage's consumer", ["stage", "lane"],
+                             registry=self.registry)
+        self.m_ack_pending = Gauge("gppy_queue_ack_pending", "Messages delivered and not acknowledged yet",
+                                   ["stage", "lane"], registry=self.registry)
+        self.m_gpu = Gauge("gppy_gpu_memory_used_bytes", "GPU memory held by the CuPy pool (GPU services only)",
+                           ["stage"], registry=self.registry)
         self.last_error: str = ""
         self.counts = {"ok": 0, "failed": 0, "retried": 0, "dead_lettered": 0}
+        self.replica = replica_id()
 
     # ---------------------------------------------------------------- for subclasses
     async def setup(self) -> None:
@@ -77,6 +112,10 @@ class StageService:
 
     # ---------------------------------------------------------------- helpers
     async def publish(self, event: Event) -> None:
+        """Publish ``event``, carrying the run of the message being handled."""
+        run = run_var.get()
+        if run and not event.run:
+            event = event.model_copy(update={"run": run})
         await bus.publish(self.js, event, self.settings.subject_prefix)
 
     def failed(self, event: Event, reason: str, item: str = "") -> StageFailed:
@@ -161,6 +200,7 @@ class StageService:
             await msg.term()
             return
         night_var.set(event.night_id)
+        run_var.set(event.run or int(getattr(event, "attempt", 0) or 0))
         frame_var.set(getattr(event, "path", "") or getattr(event, "night_dir", ""))
         hb = asyncio.create_task(self._heartbeat(msg))
         self.m_inflight.labels(self.name).inc()
@@ -208,6 +248,44 @@ class StageService:
         self.m_messages.labels(self.name, "failed").inc()
         self.counts["failed"] += 1
 
+    # ---------------------------------------------------------------- presence
+    def presence(self) -> dict:
+        """What this replica announces in the services bucket."""
+        return {"stage": self.name, "replica": self.replica, "host": socket.gethostname(), "pid": os.getpid(),
+                "version": __version__, "started": self.started, "last_seen": time.time(),
+                "inflight": len(self._inflight), "concurrency": self.settings.concurrency,
+                "counts": dict(self.counts), "ready": self._ready}
+
+    async def _observe(self) -> None:
+        """Queue depth of this stage's consumers and GPU memory, into the metrics."""
+        for lane in bus.LANES if self.consumes else ():
+            with contextlib.suppress(Exception):
+                info = await self.js.consumer_info(self.settings.stream, f"{self.name}-{lane}")
+                self.m_queue.labels(self.name, lane).set(info.num_pending)
+                self.m_ack_pending.labels(self.name, lane).set(info.num_ack_pending)
+        cupy = sys.modules.get("cupy")  # only where the service itself uses the GPU
+        if cupy is not None:
+            with contextlib.suppress(Exception):
+                self.m_gpu.labels(self.name).set(cupy.get_default_memory_pool().used_bytes())
+
+    async def _presence_loop(self) -> None:
+        """Heartbeat ``<stage>.<replica>`` into the services bucket until stopping; then remove it."""
+        kv = None
+        key = f"{self.name}.{self.replica}"
+        while not self._stopping.is_set():
+            try:
+                if kv is None:
+                    kv = await bus.kv_bucket(self.js, services_bucket(self.settings), ttl_s=SERVICES_TTL_S)
+                await kv.put(key, json.dumps(self.presence()).encode())
+                await self._observe()
+            except Exception as exc:  # the bus is down or the bucket unusable: try again later
+                log.debug("presence heartbeat failed: %s", exc)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=self.presence_every_s)
+        if kv is not None:
+            with contextlib.suppress(Exception):
+                await kv.delete(key)
+
     # ---------------------------------------------------------------- HTTP
     def app(self) -> FastAPI:
         app = FastAPI(title=f"gppy {self.name}", version=__version__)
@@ -252,8 +330,11 @@ class StageService:
             http_task = asyncio.create_task(server.serve())
         await self.connect()
         consumer_task = asyncio.create_task(self.run_consumers())
+        presence_task = asyncio.create_task(self._presence_loop())
         await self._stopping.wait()
         log.info("stopping: no new messages; %d in flight", len(self._inflight))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(presence_task, timeout=5.0)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(consumer_task, timeout=3.0)
         if self._inflight:
@@ -284,5 +365,8 @@ def run_service(cls: type[StageService]) -> None:
     parser.add_argument("--nats", help="NATS URL (default: $GPPY_NATS_URL)")
     args = parser.parse_args()
     settings = load_settings(config=args.config, http_port=args.port, nats_url=args.nats)
-    setup_logging(cls.name, settings.log_json)
+    log_root = None
+    with contextlib.suppress(Exception):  # no path.json yet: container logs only
+        log_root = settings.paths().path_log
+    setup_logging(cls.name, settings.log_json, unit_log_root=log_root)
     asyncio.run(cls(settings).serve())

@@ -156,6 +156,11 @@ class AstrometryService(StageService):
     async def handle(self, event: Event) -> list[Event]:
         if not isinstance(event, FrameCalibrated):
             return []
+        if not event.ok:  # a planned frame calib could not reduce: forward so its visit does not wait
+            return [FrameSolved(night_id=event.night_id, unit=event.unit, lane=event.lane, path=event.path,
+                                weight_path=event.weight_path, mask_path=event.mask_path, object=event.object,
+                                filter=event.filter, exptime=event.exptime, date_obs=event.date_obs,
+                                visit=event.visit, ok=False, reason=f"calibration failed: {event.reason}"[:2000])]
         with self.step("solve"):
             result = await asyncio.to_thread(
                 process_frame, event.path, event.weight_path, event.mask_path, event.object, event.date_obs,

@@ -5,8 +5,9 @@ The work is done by :class:`gppy_calib.night.NightCalibrator` in a worker thread
 (``asyncio.to_thread``) so that the runtime's heartbeats continue. The plan is published as
 soon as the masters are ready, then each frame's event as soon as its files are written, so
 astrometry starts early; the same events are also returned to the runtime, whose publish
-is de-duplicated by message id. A frame that fails during reduction gets a ``stage.failed``
-event instead (the plan already announced it, so the night's completion does not wait).
+is de-duplicated by message id. A frame that fails during reduction gets a
+``frame.calibrated`` with ``ok=False`` and the reason; astrometry and photometry forward it, so
+its visit and the night's completion do not wait for it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import ClassVar
 
 from gppy.fitsio import BadInputError
 from gppy.messages import Event, FrameCalibrated, NightPlan, NightReady, PlannedFrame
+from gppy.naming import flag_of, weight_of
 from gppy.runtime import StageService, run_service
 from gppy.xp import get_xp
 from gppy_calib.night import Job, NightCalibrator
@@ -58,8 +60,14 @@ class CalibService(StageService):
                 with self.step("reduce"):
                     products = await asyncio.to_thread(cal.reduce, job)
             except BadInputError as exc:
+                # reported down the chain (astrometry -> phot -> stack) so its visit never waits
                 log.error("frame %s failed: %s", job.info.path, exc.reason)
-                out: Event = self.failed(event, exc.reason, item=job.info.path)
+                out: Event = FrameCalibrated(
+                    night_id=event.night_id, unit=event.unit, lane=event.lane, path=str(job.calib_path),
+                    weight_path=str(weight_of(job.calib_path)), mask_path=str(flag_of(job.calib_path)),
+                    raw_path=job.info.path, object=job.info.object, filter=job.info.filter,
+                    exptime=job.info.exptime, date_obs=job.info.date_obs, visit=job.visit, ok=False,
+                    reason=f"{job.info.path}: {exc.reason}"[:2000])
             else:
                 out = FrameCalibrated(night_id=event.night_id, unit=event.unit, lane=event.lane,
                                       path=str(products.image), weight_path=str(products.weight),
@@ -69,7 +77,7 @@ class CalibService(StageService):
             await self._emit(out)
             outputs.append(out)
         log.info("night %s: %d frames reduced, %d rejected, %d masters archived", event.night_id,
-                 sum(isinstance(o, FrameCalibrated) for o in outputs), len(result.rejected), len(result.masters))
+                 sum(isinstance(o, FrameCalibrated) and o.ok for o in outputs), len(result.rejected), len(result.masters))
         return outputs
 
     @staticmethod

@@ -150,7 +150,7 @@ class NightCalibrator:
         self.clip = ClipRule(settings.clip_sigma, settings.clip_iters, settings.combine_band_rows)
         self.mroot = Path(paths.path_mframe)
         self._cache: OrderedDict[Path, tuple[np.ndarray, np.ndarray, fits.Header]] = OrderedDict()
-        self._badcache: dict[tuple, tuple] = {}
+        self._setcache: dict[tuple, tuple] = {}
 
     # ------------------------------------------------------------------ scan
     def scan(self, night_dir: Path, targets: list[str] | None = None,
@@ -406,20 +406,30 @@ class NightCalibrator:
         return self._borrow("dark", ref_mjd, exptime=exptime)
 
     # ------------------------------------------------------------------ reduction
-    def _bad_pixels(self, job: Job, gain: float):
-        key = (job.bias.path, job.dark.path, job.flat.path, self.edge_pixels)
-        if key in self._badcache:
-            return self._badcache[key]
-        b, be, bh = self.load(job.bias.path)
-        d, de, dh = self.load(job.dark.path)
-        fl, fe, _ = self.load(job.flat.path)
+    def _calib_set(self, job: Job, gain: float, rn_adu: float, sat_raw: float, scale: float) -> dict:
+        """Everything that depends on the masters and not on the frame, computed once for the
+        frames that share them (frames come grouped by filter and time): the bad-pixel mask,
+        the variance terms, the effective gain and the reduced saturation level."""
+        key = (job.bias.path, job.dark.path, job.flat.path, self.edge_pixels, gain, rn_adu, sat_raw, scale)
+        if key in self._setcache:
+            return self._setcache[key]
         xp = self.xp
+        b, be, bh = self.load(job.bias.path)
+        d, de, _ = self.load(job.dark.path)
+        fl, fe, _ = self.load(job.flat.path)
         bad = masks.master_bad_pixels(xp, b, be, d, de, job.dark.exptime, fl, fe, gain,
                                       int(bh.get("NCOMBINE", 0)))
         bad = bad | masks.edge_mask(xp, bad.shape, self.edge_pixels)
-        self._badcache.clear()            # one master set at a time (frames come grouped)
-        self._badcache[key] = bad
-        return bad
+        good = bad == 0
+        cset = {
+            "bias": xp.asarray(b), "dark": xp.asarray(d), "flat": xp.asarray(fl), "bad": bad,
+            "terms": reduce.variance_terms(fl, d, be, de, fe, scale, gain, rn_adu, xp),
+            "egain": reduce.effective_gain(gain, fl, good, xp),
+            "sat_red": reduce.reduced_saturation(sat_raw, b, d, scale, fl, good, xp),
+        }
+        self._setcache.clear()            # one master set at a time
+        self._setcache[key] = cset
+        return cset
 
     def _gain(self, hdr: fits.Header) -> tuple[float, str]:
         try:
@@ -459,33 +469,33 @@ class NightCalibrator:
         raw_host = raw_img.read()
         raw = xp.asarray(raw_host)
         b, be, bh = self.load(job.bias.path)
-        d, de, dh = self.load(job.dark.path)
-        fl, fe, fh = self.load(job.flat.path)
+        d, _, _ = self.load(job.dark.path)
+        fl, _, _ = self.load(job.flat.path)
         for name, arr in (("bias", b), ("dark", d), ("flat", fl)):
             if arr.shape != raw.shape:
                 raise BadInputError(info.path, f"frame shape {tuple(raw.shape)} differs from the master "
                                                f"{name} {arr.shape}")
         gain, gain_src = self._gain(info.header)
         scale = reduce.dark_scale(info.exptime, job.dark.exptime)
-        bad = self._bad_pixels(job, gain)
-        good = bad == 0
         sat_raw = float(self.settings.saturate_adu)
         if "SATURATE" in info.header:
             try:
                 sat_raw = min(sat_raw, float(info.header["SATURATE"]))
             except (TypeError, ValueError):
                 pass
-        red = reduce.reduce_frame(raw, b, d, scale, fl, xp)
+        rn_adu = self._read_noise_adu(info.header, bh, be, gain)
+        cset = self._calib_set(job, gain, rn_adu, sat_raw, scale)
+        bad = cset["bad"]
+        red = reduce.reduce_frame(raw, cset["bias"], cset["dark"], scale, cset["flat"], xp)
         mask = bad | masks.saturation_mask(xp, raw, sat_raw)
         nonfinite = ~xp.isfinite(red)
-        mask = mask | xp.where(nonfinite, xp.uint16(int(MaskBit.NONFINITE)), xp.uint16(0)).astype(xp.uint16)
-        red = xp.where(nonfinite, xp.float32(0), red)
+        if bool(nonfinite.any()):
+            mask = mask | xp.where(nonfinite, xp.uint16(int(MaskBit.NONFINITE)), xp.uint16(0)).astype(xp.uint16)
+            red = xp.where(nonfinite, xp.float32(0), red)
         sky = reduce.subgrid_median(red, mask == 0, xp)
-        rn_adu = self._read_noise_adu(info.header, bh, be, gain)
-        var = reduce.variance_map(fl, d, xp.nan_to_num(xp.asarray(be)), xp.nan_to_num(xp.asarray(de)),
-                                  xp.nan_to_num(xp.asarray(fe)), scale, sky, gain, rn_adu, xp)
-        egain = reduce.effective_gain(gain, fl, good, xp)
-        sat_red = reduce.reduced_saturation(sat_raw, b, d, scale, fl, good, xp)
+        var = reduce.variance_from_terms(cset["terms"], sky, xp)
+        egain = cset["egain"]
+        sat_red = cset["sat_red"]
         ncr = 0
         trail_list: list = []
         if self.settings.cosmic_rays:

@@ -79,6 +79,35 @@ def subgrid_median(image, good, xp: ModuleType, step: int = STAT_STEP) -> float:
     return float(xp.median(vals))
 
 
+def variance_terms(flat, dark, bias_err, dark_err, flat_err, scale: float, gain: float, rdnoise_adu: float,
+                   xp: ModuleType):
+    """The frame-independent parts of the variance: ``var = a + sky * b + sky**2 * c``.
+
+    ``a = (dark * s / g + rn**2 + err_bias**2 + (s * err_dark)**2) / flat**2``,
+    ``b = 1 / (g * flat)``, ``c = (err_flat / flat)**2`` (reduced ADU^2, ADU, 1). Non-finite
+    master errors count as 0. See :func:`variance_map` for the arguments.
+    """
+    f32 = xp.float32
+    flat = xp.asarray(flat, dtype=f32)
+    s = f32(scale)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv_f = f32(1) / flat
+        a = xp.maximum(xp.asarray(dark, dtype=f32) * s, f32(0)) * f32(1.0 / gain) + f32(rdnoise_adu ** 2)
+        a += xp.nan_to_num(xp.asarray(bias_err, dtype=f32)) ** 2
+        a += (s * xp.nan_to_num(xp.asarray(dark_err, dtype=f32))) ** 2
+        a *= inv_f * inv_f
+        b = inv_f * f32(1.0 / gain)
+        c = (xp.nan_to_num(xp.asarray(flat_err, dtype=f32)) * inv_f) ** 2
+    return a, b, c
+
+
+def variance_from_terms(terms, sky: float, xp: ModuleType):
+    """``a + sky * (b + sky * c)`` with ``sky`` clipped at 0 (reduced ADU^2)."""
+    a, b, c = terms
+    sky = xp.float32(max(float(sky), 0.0))
+    return a + sky * (b + sky * c)
+
+
 def variance_map(flat, dark, bias_err, dark_err, flat_err, scale: float, sky: float, gain: float,
                  rdnoise_adu: float, xp: ModuleType):
     """Background variance of the reduced frame, reduced ADU^2 (formula in the module docstring).
@@ -98,18 +127,8 @@ def variance_map(flat, dark, bias_err, dark_err, flat_err, scale: float, sky: fl
     rdnoise_adu : float
         Read noise, raw ADU.
     """
-    f32 = xp.float32
-    flat = xp.asarray(flat, dtype=f32)
-    s = f32(scale)
-    sky = f32(max(float(sky), 0.0))
-    dark_s = xp.maximum(xp.asarray(dark, dtype=f32) * s, f32(0))
-    var_raw = (sky * flat + dark_s) * f32(1.0 / gain) + f32(rdnoise_adu ** 2)
-    var_raw += xp.asarray(bias_err, dtype=f32) ** 2
-    var_raw += (s * xp.asarray(dark_err, dtype=f32)) ** 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        var = var_raw / (flat * flat)
-        var += (sky * xp.asarray(flat_err, dtype=f32) / flat) ** 2
-    return var
+    terms = variance_terms(flat, dark, bias_err, dark_err, flat_err, scale, gain, rdnoise_adu, xp)
+    return variance_from_terms(terms, sky, xp)
 
 
 def effective_gain(gain: float, flat, good, xp: ModuleType) -> float:

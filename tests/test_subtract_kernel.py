@@ -135,13 +135,18 @@ def test_polynomial_convolution_is_exact():
     assert np.max(np.abs(got_full - want)) < 2e-5 * np.max(np.abs(want))
 
 
-def test_tilewise_convolution_with_a_constant_kernel_equals_fftconvolve():
+def test_tilewise_convolution_equals_fftconvolve_times_the_tile_factor():
     rng = np.random.default_rng(4)
     image = rng.uniform(0, 5, (120, 100)).astype(np.float32)
     kern = gaussian(11, 1.7, dx=0.4)
-    got = convolve_tilewise(image, (0, 120, 0, 100), lambda xc, yc: kern, 5, np, FFT, tile=40)
     want = fftconvolve(image.astype(np.float64), kern, mode="same")
+    got = convolve_tilewise(image, (0, 120, 0, 100), kern, np, FFT, tile=40)
     assert np.max(np.abs(got - want)) < 1e-5 * want.max()
+    # a factor per tile (tile steps of 40 - 10 = 30 px): each tile scaled by its centre's value
+    got2 = convolve_tilewise(image, (0, 120, 0, 100), kern, np, FFT, tile=40, scale_at=lambda xc, yc: 1 + xc / 100)
+    ys, xs = np.mgrid[0:120, 0:100]
+    factor = 1 + ((xs // 30) * 30 + 14.5) / 100
+    assert np.max(np.abs(got2 - want * factor)) < 1e-5 * want.max() * 2
 
 
 def test_polynomial_image():
@@ -179,7 +184,7 @@ def test_peaks_moments_and_stamp_grid():
     img = np.zeros((h, w))
     for y, x, f, s in pos:
         img += f * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s)) / (2 * np.pi * s * s)
-    ys, xs, vals = find_peaks(img, 1.0, 5, np)
+    ys, xs, vals = find_peaks(img, np.ones_like(img), 0.0, 1.0, 5, np)
     assert sorted(zip(ys.tolist(), xs.tolist(), strict=False)) == sorted((round(y), round(x)) for y, x, _, _ in pos)
     cut = gather_stamps(img, ys, xs, 10, np)
     fwhm, dx, dy = adaptive_moments(cut, np)

@@ -130,18 +130,22 @@ def convolve_polynomial(image, bounds: tuple[int, int, int, int], term_kernels, 
     return out[:h, :w]
 
 
-def convolve_tilewise(image, bounds: tuple[int, int, int, int], kernel_at, half_width: int, xp, fft, *,
+def convolve_tilewise(image, bounds: tuple[int, int, int, int], kernel, xp, fft, *, scale_at=None,
                       tile: int = 256, batch: int = 48):
-    """Convolve a region with one kernel per tile, evaluated at the tile centre.
+    """Convolve a region with one kernel, scaled by a factor per tile.
+
+    Used for the noise image: the variance is convolved with the squared kernel of the region
+    centre, normalised to unit sum, times ``sum K(x)^2`` at each tile centre, so the noise
+    power follows the kernel's spatial variation while the kernel is transformed only once.
 
     Parameters
     ----------
     image : array (H, W) float32
     bounds : (y0, y1, x0, x1)
-    kernel_at : callable (xc, yc) -> array (k, k)
-        Kernel for a tile centred at full-image pixel (xc, yc); k = 2*half_width+1.
-    half_width : int
-        Kernel half-width r.
+    kernel : array (k, k)
+        The kernel (k = 2r+1).
+    scale_at : callable (xc, yc) -> float, optional
+        Factor for the tile centred at full-image pixel (xc, yc); default 1.
 
     Returns
     -------
@@ -149,18 +153,19 @@ def convolve_tilewise(image, bounds: tuple[int, int, int, int], kernel_at, half_
     """
     y0, y1, x0, x1 = bounds
     h, w = y1 - y0, x1 - x0
-    r = int(half_width)
+    k = kernel.shape[-1]
+    r = (k - 1) // 2
     size, step, nty, ntx, origins = _tile_plan(bounds, r, tile)
     pad = _region_with_halo(image, bounds, r, nty * step, ntx * step, xp)
+    fk = fft.rfft2(_embed(xp.asarray(kernel, dtype=xp.float32)[None], size, xp))
     out = xp.zeros((nty * step, ntx * step), dtype=xp.float32)
     for i in range(0, len(origins), batch):
         chunk = origins[i:i + batch]
         tiles = xp.stack([pad[oy:oy + size, ox:ox + size] for oy, ox in chunk])
-        kern = np.stack([kernel_at(x0 + ox + 0.5 * (step - 1), y0 + oy + 0.5 * (step - 1)) for oy, ox in chunk])
-        fk = fft.rfft2(_embed(xp.asarray(kern, dtype=xp.float32), size, xp))
         conv = fft.irfft2(fft.rfft2(tiles) * fk, s=(size, size))[:, r:r + step, r:r + step]
         for n, (oy_, ox_) in enumerate(chunk):
-            out[oy_:oy_ + step, ox_:ox_ + step] = conv[n]
+            f = 1.0 if scale_at is None else float(scale_at(x0 + ox_ + 0.5 * (step - 1), y0 + oy_ + 0.5 * (step - 1)))
+            out[oy_:oy_ + step, ox_:ox_ + step] = conv[n] * xp.float32(f) if f != 1.0 else conv[n]
     return out[:h, :w]
 
 
@@ -179,21 +184,48 @@ def polynomial_image(coeffs, terms, bounds: tuple[int, int, int, int], xp, poly_
     return out
 
 
+def _dilate_axis(m, r: int, axis: int, xp):
+    """OR over a centred window of 2r+1 along one axis (zeros beyond the edges), by doubling
+    shifts: log2(2r+1) + popcount(2r+1) boolean passes instead of a running sum."""
+    n = m.shape[axis]
+    width = 2 * r + 1
+    pad_shape = list(m.shape)
+    pad_shape[axis] = n + 2 * r
+    p = xp.zeros(pad_shape, dtype=bool)
+    inner = [slice(None)] * m.ndim
+    inner[axis] = slice(r, r + n)
+    p[tuple(inner)] = m
+    total = n + 2 * r
+
+    def take(a, start, length):
+        sl = [slice(None)] * m.ndim
+        sl[axis] = slice(start, start + length)
+        return a[tuple(sl)]
+
+    # spans[j] (length total - 2**j + 1): OR of p[i : i + 2**j]
+    spans = [p]
+    while 2 ** len(spans) <= width:
+        a = spans[-1]
+        half = 2 ** (len(spans) - 1)
+        length = a.shape[axis] - half
+        spans.append(take(a, 0, length) | take(a, half, length))
+    acc = None
+    offset = 0
+    for j in range(len(spans) - 1, -1, -1):       # binary decomposition of the width
+        if width - offset >= 2 ** j:
+            part = take(spans[j], offset, n)
+            acc = part if acc is None else acc | part
+            offset += 2 ** j
+    assert offset == width and total >= width
+    return acc
+
+
 def dilate(mask, half_width: int, xp):
-    """Grow a boolean mask by a (2r+1) x (2r+1) square (separable running sums)."""
+    """Grow a boolean mask by a (2r+1) x (2r+1) square (separable; log2(2r+1) shifted ORs per axis)."""
     r = int(half_width)
+    m = mask.astype(bool)
     if r <= 0:
-        return mask.copy()
-    m = mask.astype(xp.int32)
+        return m.copy()
     for axis in (0, 1):
-        c = xp.cumsum(m, axis=axis, dtype=xp.int32)
-        n = m.shape[axis]
-        zeros_shape = list(m.shape)
-        zeros_shape[axis] = 1
-        c = xp.concatenate([xp.zeros(zeros_shape, dtype=xp.int32), c], axis=axis)
-        lo = np.clip(np.arange(n) - r, 0, n)
-        hi = np.clip(np.arange(n) + r + 1, 0, n)
-        lo_i = xp.asarray(lo)
-        hi_i = xp.asarray(hi)
-        m = xp.take(c, hi_i, axis=axis) - xp.take(c, lo_i, axis=axis)
-    return m > 0
+        m = _dilate_axis(m, r, axis, xp)
+    return m

@@ -253,6 +253,21 @@ def _photon_variance(plane: Plane, sky: float, xp, nsigma: float = 2.0):
     return xp.where(keep & (sig > 0), sig * xp.float32(1.0 / plane.egain), 0).astype(xp.float32)
 
 
+def _prepare(plane: Plane, xp) -> Plane:
+    """The plane with its mask completed (NONFINITE where the data are not finite, EDGE where the
+    weight is 0 without a reason) and the variance 0 wherever the mask is set."""
+    mask = plane.mask.astype(xp.uint16, copy=True)
+    data = plane.data
+    nonfinite = ~xp.isfinite(data)
+    if bool(nonfinite.any()):
+        mask[nonfinite] |= int(MaskBit.NONFINITE)
+        data = xp.where(nonfinite, 0, data).astype(xp.float32)
+    del nonfinite
+    mask[(plane.var <= 0) & (mask == 0)] |= int(MaskBit.EDGE)
+    var = xp.where(mask == 0, plane.var, 0).astype(xp.float32)
+    return Plane(data.astype(xp.float32, copy=False), var, mask, plane.egain, plane.saturate)
+
+
 def _stamp_data(tgt: Plane, src: Plane, stars: st.Stars, idx, rss: int, r: int, xp) -> StampData:
     ys, xs = stars.y[idx], stars.x[idx]
     return StampData(xs=xs, ys=ys,
@@ -304,18 +319,8 @@ def _subtract(science: Plane, reference: Plane, xp, p: EngineParams) -> Subtract
         raise EngineError(f"science {shape} and reference {tuple(reference.data.shape)} differ in shape")
     H, W = shape
 
-    # masks: zero-weight pixels count as masked
-    sci_mask = science.mask | xp.where((science.var > 0) | (science.mask != 0), 0, int(MaskBit.EDGE)).astype(xp.uint16)
-    ref_mask = reference.mask | xp.where((reference.var > 0) | (reference.mask != 0), 0,
-                                         int(MaskBit.EDGE)).astype(xp.uint16)
-    sci_mask |= xp.where(xp.isfinite(science.data), 0, int(MaskBit.NONFINITE)).astype(xp.uint16)
-    ref_mask |= xp.where(xp.isfinite(reference.data), 0, int(MaskBit.NONFINITE)).astype(xp.uint16)
-    S = Plane(xp.where(sci_mask == 0, science.data, 0).astype(xp.float32),
-              xp.where(sci_mask == 0, science.var, 0).astype(xp.float32), sci_mask, science.egain,
-              science.saturate)
-    R = Plane(xp.where(ref_mask == 0, reference.data, 0).astype(xp.float32),
-              xp.where(ref_mask == 0, reference.var, 0).astype(xp.float32), ref_mask, reference.egain,
-              reference.saturate)
+    S, R = _prepare(science, xp), _prepare(reference, xp)
+    sci_mask, ref_mask = S.mask, R.mask
 
     with timer("stamps"):
         stars = st.find_stars(S.data, S.var, S.mask, R.data, R.var, R.mask, xp, detect_snr=p.detect_snr,
@@ -327,6 +332,9 @@ def _subtract(science: Plane, reference: Plane, xp, p: EngineParams) -> Subtract
         fwhm_r = float(np.median(stars.fwhm_r))
         direction = choose_direction(fwhm_s, fwhm_r, p.convolve)
         tgt, src = (S, R) if direction == "reference" else (R, S)
+        # the image that is convolved must be neutral (0) where masked
+        src = Plane(xp.where(src.mask == 0, src.data, 0).astype(xp.float32), src.var, src.mask, src.egain,
+                    src.saturate)
         fw_t = stars.fwhm_s if direction == "reference" else stars.fwhm_r
         fw_i = stars.fwhm_r if direction == "reference" else stars.fwhm_s
         spec = design_basis(float(np.median(fw_i)), float(np.median(fw_t)), degrees=p.degrees,
@@ -394,27 +402,32 @@ def _subtract(science: Plane, reference: Plane, xp, p: EngineParams) -> Subtract
         for reg in regions:
             y0, y1, x0, x1 = reg.bounds
             sol = reg.solution
-            cv = convolve_tilewise(var_i, reg.bounds, lambda xc, yc, s=sol: s.kernel_at(xc, yc) ** 2, r, xp, fft,
-                                   tile=p.tile)
-            v = var_t[y0:y1, x0:x1] + cv
-            var[y0:y1, x0:x1] = v if direction == "reference" else v / (sol.flux ** 2)
+            kc = sol.kernel_at(0.5 * (x0 + x1 - 1), 0.5 * (y0 + y1 - 1)) ** 2
+            cv = convolve_tilewise(var_i, reg.bounds, kc / kc.sum(), xp, fft, tile=p.tile,
+                                   scale_at=lambda xc, yc, s=sol: float((s.kernel_at(xc, yc) ** 2).sum()))
+            cv += var_t[y0:y1, x0:x1]
+            if direction == "science":
+                cv *= xp.float32(1.0 / sol.flux ** 2)
+            var[y0:y1, x0:x1] = cv
         del var_i, var_t
     with timer("mask"):
         out = sci_mask.copy()
-        out |= xp.where(ref_mask != 0, int(MaskBit.REFERENCE), 0).astype(xp.uint16)
-        grown = dilate(src.mask != 0, r, xp) & (out == 0)
-        out |= xp.where(grown, int(MaskBit.GROWN), 0).astype(xp.uint16)
-        edge = xp.zeros(shape, dtype=bool)
-        edge[:r, :] = True
-        edge[-r:, :] = True
-        edge[:, :r] = True
-        edge[:, -r:] = True
-        out |= xp.where(edge, int(MaskBit.EDGE), 0).astype(xp.uint16)
+        out[ref_mask != 0] |= int(MaskBit.REFERENCE)
+        grown = dilate(src.mask != 0, r, xp)
+        grown &= out == 0
+        out[grown] |= int(MaskBit.GROWN)
+        del grown
+        for sl in ((slice(0, r), slice(None)), (slice(H - r, H), slice(None)), (slice(None), slice(0, r)),
+                   (slice(None), slice(W - r, W))):
+            out[sl] |= int(MaskBit.EDGE)
         bad = (out != 0) | ~(var > 0)
-        noise = xp.where(bad, 0, xp.sqrt(xp.maximum(var, 0))).astype(xp.float32)
-        diff = xp.where(bad, 0, diff).astype(xp.float32)
-        conv_img = xp.where(bad, 0, conv_img).astype(xp.float32)
-        sub = (diff / xp.where(bad, 1, noise))[::3, ::3][~bad[::3, ::3]]
+        noise = xp.sqrt(xp.maximum(var, 0)).astype(xp.float32)
+        del var
+        noise[bad] = 0
+        diff[bad] = 0
+        conv_img[bad] = 0
+        ok3 = ~bad[::3, ::3]
+        sub = diff[::3, ::3][ok3] / noise[::3, ::3][ok3]
         if sub.size > 100:
             med = float(xp.median(sub))
             ratio = 1.4826 * float(xp.median(xp.abs(sub - med)))

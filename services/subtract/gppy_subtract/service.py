@@ -258,7 +258,8 @@ class SubtractService(StageService):
 
     def process(self, event: PhotometryDone) -> list[Event]:
         sci_path = Path(event.image_path)
-        base = dict(night_id=event.night_id, unit=event.unit, lane=event.lane, science_path=str(sci_path))
+        base = dict(night_id=event.night_id, unit=event.unit, lane=event.lane, run=event.run,
+                    science_path=str(sci_path))
         try:
             header = read_header(sci_path)
             obj, filt = object_filter(header, sci_path)

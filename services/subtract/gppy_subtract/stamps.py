@@ -53,34 +53,50 @@ def sky_level(data, mask, xp, step: int = 5) -> tuple[float, float]:
     return med, 1.4826 * mad
 
 
-def find_peaks(snr, threshold: float, border: int, xp):
-    """Local maxima of a signal-to-noise image above ``threshold``.
+def find_peaks(data, var, sky: float, threshold: float, border: int, xp):
+    """Local maxima of the per-pixel signal-to-noise ``(data - sky) / sqrt(var)`` above ``threshold``.
+
+    The S/N is computed only at pixels that pass the threshold test
+    ``(data - sky)^2 > threshold^2 var`` and at their neighbours, not as a full image.
 
     Parameters
     ----------
-    snr : array (H, W), float
-        Per-pixel signal-to-noise.
+    data : array (H, W)
+        Image (its units).
+    var : array (H, W)
+        Background variance (units^2); pixels with ``var <= 0`` (masked) never peak.
+    sky : float
+        Sky level subtracted from ``data``.
     threshold : float
-        Minimum peak value.
+        Minimum peak S/N.
     border : int
         Peaks closer than this to an edge are ignored (px, >= 1).
 
     Returns
     -------
     ys, xs, values : host arrays
-        Peak rows, columns (0-based) and their values, brightest first.
+        Peak rows, columns (0-based) and their S/N, brightest first.
     """
-    h, w = snr.shape
+    h, w = data.shape
     b = max(int(border), 1)
     if h <= 2 * b or w <= 2 * b:
         return np.zeros(0, int), np.zeros(0, int), np.zeros(0)
-    iy, ix = xp.nonzero(snr[b:h - b, b:w - b] > threshold)
+    d = data[b:h - b, b:w - b] - xp.float32(sky)
+    hit = (d > 0) & (d * d > xp.float32(threshold * threshold) * var[b:h - b, b:w - b])
+    del d
+    iy, ix = xp.nonzero(hit)
+    del hit
     iy = iy + b
     ix = ix + b
-    vals = snr[iy, ix]
+
+    def snr_at(yy, xx):
+        v = var[yy, xx]
+        return xp.where(v > 0, (data[yy, xx] - sky) / xp.sqrt(xp.where(v > 0, v, 1)), 0)
+
+    vals = snr_at(iy, ix)
     is_max = xp.ones(vals.shape, dtype=bool)
     for k, (dy, dx) in enumerate(_NEIGHBOURS):
-        nb = snr[iy + dy, ix + dx]
+        nb = snr_at(iy + dy, ix + dx)
         is_max &= (vals > nb) if k < 4 else (vals >= nb)
     ys, xs, v = to_host(iy[is_max]), to_host(ix[is_max]), to_host(vals[is_max]).astype(float)
     order = np.argsort(-v, kind="stable")
@@ -181,11 +197,6 @@ class Stars:
         return Stars(**{k: getattr(self, k)[idx] for k in self.__dataclass_fields__})
 
 
-def _snr_image(data, var, mask, sky: float, xp):
-    inv = xp.where((var > 0) & (mask == 0), 1.0 / xp.sqrt(xp.maximum(var, 1e-30)), 0.0)
-    return ((data - sky) * inv).astype(xp.float32)
-
-
 def _measure(data, sky: float, ys, xs, half: int, xp):
     st = gather_stamps(data, ys, xs, half, xp).astype(xp.float64)
     ring = xp.concatenate([st[:, 0, :], st[:, -1, :], st[:, 1:-1, 0], st[:, 1:-1, -1]], axis=1)
@@ -232,12 +243,8 @@ def find_stars(sci_data, sci_var, sci_mask, ref_data, ref_var, ref_mask, xp, *, 
     """
     sky_s, _ = sky_level(sci_data, sci_mask, xp)
     sky_r, _ = sky_level(ref_data, ref_mask, xp)
-    snr_s = _snr_image(sci_data, sci_var, sci_mask, sky_s, xp)
-    ys, xs, vs = find_peaks(snr_s, detect_snr, border, xp)
-    del snr_s
-    snr_r = _snr_image(ref_data, ref_var, ref_mask, sky_r, xp)
-    yr, xr, vr = find_peaks(snr_r, detect_snr, border, xp)
-    del snr_r
+    ys, xs, vs = find_peaks(sci_data, sci_var, sky_s, detect_snr, border, xp)
+    yr, xr, vr = find_peaks(ref_data, ref_var, sky_r, detect_snr, border, xp)
     empty = Stars(*(np.zeros(0, int),) * 2, *(np.zeros(0),) * 8)
     if ys.size == 0 or yr.size == 0:
         return empty

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
+import os
 import time
 from pathlib import Path
 
-from fastapi import FastAPI, Header, HTTPException
+from fastapi import FastAPI
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js.errors import NotFoundError
@@ -41,7 +41,7 @@ from gppy.config import Settings
 from gppy.messages import KINDS, Event, MessageError, NightDone, NightReady, parse
 from gppy.notify import SlackNotifier
 from gppy.runtime import StageService, run_service
-from gppy_watcher import endofnight
+from gppy_watcher import endofnight, report
 from gppy_watcher.ledger import Ledger, NightRecord, new_record, start_attempt
 from gppy_watcher.progress import NightProgress, collapse_key, dead_letter_fields
 from gppy_watcher.scanner import Candidate, NightPatterns, Scanner, Snapshot
@@ -428,6 +428,10 @@ class WatcherService(StageService):
         summary = self._summary(rec, prog, status, note, finished, written, problems, products)
         dest = endofnight.summary_path(processed, rec.night_id)
         await asyncio.to_thread(endofnight.write_summary, dest, summary)
+        try:
+            await asyncio.to_thread(report.write_report, summary, dest)
+        except Exception:  # the report is a courtesy: the night ends all the same
+            log.exception("%s: the night report could not be written", rec.night_id)
         collapsed = sum(n - 1 for n in prog.notified.values())
 
         def fn(r):
@@ -485,7 +489,17 @@ class WatcherService(StageService):
             return r
         return await self.ledger.mutate(rec.night_id, fn) or rec
 
+    def _report_note(self, rec: NightRecord) -> str:
+        """`` Report: <link>`` when the night's HTML report exists (URL with GPPY_PUBLIC_URL)."""
+        path = report.report_path(rec.summary_path) if rec.summary_path else None
+        if path is None or not path.exists():
+            return ""
+        return f". Report: {report.report_link(rec.night_id, path, os.environ.get('GPPY_PUBLIC_URL'))}"
+
     def _final_message(self, rec: NightRecord) -> str:
+        return self._final_text(rec) + self._report_note(rec)
+
+    def _final_text(self, rec: NightRecord) -> str:
         night = Path(rec.night_dir).name
         if rec.state == "failed":
             return (f"{TAG} FAILED {rec.unit} {night} after {rec.run_attempts} attempt(s) "
@@ -593,34 +607,10 @@ class WatcherService(StageService):
 
     # ---------------------------------------------------------------- HTTP API
     def extra_routes(self, app: FastAPI) -> None:
-        def authorise(authorization: str | None) -> None:
-            token = self.settings.secret("api_token")
-            if token and authorization != f"Bearer {token}":
-                raise HTTPException(status_code=401, detail="bad or missing bearer token")
+        """The operations API and the dashboard (:mod:`gppy_watcher.api`)."""
+        from gppy_watcher import api
 
-        @app.get("/nights")
-        async def nights(state: str | None = None):
-            recs = sorted(self.ledger.records() if self.ledger else [], key=lambda r: r.night_id)
-            return [{"night_id": r.night_id, "state": r.state, "lane": r.lane, "attempt": r.attempt,
-                     "run_attempts": r.run_attempts, "note": r.note, "outstanding": r.outstanding,
-                     "changed": bool(r.changed)} for r in recs if state is None or r.state == state]
-
-        @app.get("/nights/{night_id}")
-        async def night(night_id: str):
-            rec = self.ledger.cached(night_id) if self.ledger else None
-            if rec is None:
-                raise HTTPException(status_code=404, detail=f"unknown night {night_id}")
-            return json.loads(rec.model_dump_json())
-
-        @app.post("/nights/{night_id}/requeue")
-        async def requeue(night_id: str, body: dict | None = None, authorization: str | None = Header(None)):
-            authorise(authorization)
-            body = body or {}
-            try:
-                rec = await self.requeue(night_id, body.get("targets"), body.get("filters"))
-            except KeyError as exc:
-                raise HTTPException(status_code=404, detail=f"unknown night {night_id}") from exc
-            return {"night_id": rec.night_id, "state": rec.state, "run": rec.run, "attempt": rec.attempt}
+        api.install(app, self)
 
 
 def adhoc_night_ready(settings: Settings, unit: str, night_dir: str | Path, targets: list[str] | None = None,

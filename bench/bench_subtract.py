@@ -168,13 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     planes = [Plane(xp.asarray(pl.data), xp.asarray(pl.var), xp.asarray(pl.mask), pl.egain, pl.saturate)
               for pl in (sci, ref)]
     t0 = time.perf_counter()
+    c0 = time.process_time()
     res = subtract(planes[0], planes[1], xp, params)
     t_total = time.perf_counter() - t0
+    c_total = time.process_time() - c0
     result = {
         "size": f"{w}x{h}", "megapixels": round(w * h / 1e6, 1), "backend": backend_name(xp),
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "stars": nstars, "generate_s": round(t_make, 1), "engine_total_s": round(t_total, 2),
+        "engine_cpu_s": round(c_total, 2), "load_avg_1min": round(os.getloadavg()[0], 1),
         "stages_s": {k: round(v, 2) for k, v in res.timings.items()},
+        "stages_cpu_s": {k: round(v, 2) for k, v in res.cpu_timings.items()},
         "stamps_kept": res.n_kept, "stamps": res.n_stamps, "chi2": round(res.mean_chi2, 3),
         "noise_ratio": round(res.noise_ratio, 3), "kernel_sum": round(res.kernel_sum, 4), "kernel_sum_true": ksum_true,
         "kernel_half_width": res.spec.half_width, "convolved": res.convolved,

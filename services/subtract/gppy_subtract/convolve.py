@@ -68,7 +68,7 @@ def _embed(kernels, size: int, xp):
 
 
 def convolve_polynomial(image, bounds: tuple[int, int, int, int], term_kernels, terms, xp, fft, *,
-                        tile: int = 256, batch: int = 48, poly_bounds=None):
+                        tile: int = 256, batch: int = 8, poly_bounds=None):
     """Convolve a region of ``image`` with a kernel that varies as a polynomial.
 
     Parameters
@@ -84,7 +84,7 @@ def convolve_polynomial(image, bounds: tuple[int, int, int, int], term_kernels, 
     tile : int
         FFT tile size (rounded up to a 2-3-5 smooth length).
     batch : int
-        Tiles per FFT batch (memory: ~ batch x n_terms x tile^2 x 4 bytes).
+        Tiles per FFT batch (memory: ~ 4 x batch x tile^2 x 4 bytes).
     poly_bounds : tuple, optional
         Region the polynomial is normalised to (default ``bounds``).
 
@@ -107,7 +107,7 @@ def convolve_polynomial(image, bounds: tuple[int, int, int, int], term_kernels, 
         chunk = origins[i:i + batch]
         tiles = xp.stack([pad[oy:oy + size, ox:ox + size] for oy, ox in chunk])
         ft = fft.rfft2(tiles)
-        conv = fft.irfft2(ft[:, None] * fk[None], s=(size, size))[:, :, r:r + step, r:r + step]
+        del tiles
         oy = np.array([c[0] for c in chunk], dtype=float)
         ox = np.array([c[1] for c in chunk], dtype=float)
         xs = x0 + ox[:, None] + np.arange(step)[None, :]
@@ -115,23 +115,33 @@ def convolve_polynomial(image, bounds: tuple[int, int, int, int], term_kernels, 
         u, v = normalised_coords(xs, ys, pb)
         u = xp.asarray(u, dtype=xp.float32)
         v = xp.asarray(v, dtype=xp.float32)
+        # Horner-like: sum_a u^a (sum_b v^b (I * K_ab)), one inverse FFT per term, in place
         acc_tiles = None
         for a in a_pows:
             acc = None
             for j, (aj, bj) in enumerate(terms):
                 if aj != a:
                     continue
-                part = conv[:, j] if bj == 0 else conv[:, j] * (v ** bj)[:, :, None]
-                acc = part if acc is None else acc + part
-            acc = acc if a == 0 else acc * (u ** a)[:, None, :]
-            acc_tiles = acc if acc_tiles is None else acc_tiles + acc
+                part = fft.irfft2(ft * fk[j], s=(size, size))[:, r:r + step, r:r + step]
+                if bj:
+                    part = part * (v ** bj)[:, :, None]
+                if acc is None:
+                    acc = part
+                else:
+                    acc += part
+            if a:
+                acc = acc * (u ** a)[:, None, :]
+            if acc_tiles is None:
+                acc_tiles = acc
+            else:
+                acc_tiles += acc
         for n, (oy_, ox_) in enumerate(chunk):
             out[oy_:oy_ + step, ox_:ox_ + step] = acc_tiles[n]
     return out[:h, :w]
 
 
 def convolve_tilewise(image, bounds: tuple[int, int, int, int], kernel, xp, fft, *, scale_at=None,
-                      tile: int = 256, batch: int = 48):
+                      tile: int = 256, batch: int = 8):
     """Convolve a region with one kernel, scaled by a factor per tile.
 
     Used for the noise image: the variance is convolved with the squared kernel of the region

@@ -168,7 +168,9 @@ class SubtractionResult:
     noise_ratio : float
         Robust standard deviation of diff / noise over unmasked pixels.
     timings : dict
-        Seconds per stage: stamps, fit, convolution, noise, mask.
+        Wall-clock seconds per stage: stamps, fit, convolution, noise, mask.
+    cpu_timings : dict
+        Process CPU seconds per stage (all threads).
     n_stars : int
         Stars detected in both images.
     """
@@ -185,6 +187,7 @@ class SubtractionResult:
     noise_ratio: float
     n_stars: int
     timings: dict[str, float] = field(default_factory=dict)
+    cpu_timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def n_kept(self) -> int:
@@ -223,8 +226,11 @@ def choose_direction(fwhm_science: float, fwhm_reference: float, forced: str = "
 
 
 class _Timer:
+    """Wall-clock and process CPU seconds per named stage."""
+
     def __init__(self):
         self.t: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
 
     def __call__(self, name: str):
         timer = self
@@ -232,9 +238,11 @@ class _Timer:
         class _Ctx:
             def __enter__(self):
                 self.t0 = time.perf_counter()
+                self.c0 = time.process_time()
 
             def __exit__(self, *exc):
                 timer.t[name] = timer.t.get(name, 0.0) + time.perf_counter() - self.t0
+                timer.cpu[name] = timer.cpu.get(name, 0.0) + time.process_time() - self.c0
 
         return _Ctx()
 
@@ -435,7 +443,8 @@ def _subtract(science: Plane, reference: Plane, xp, p: EngineParams) -> Subtract
             ratio = float("nan")
     res = SubtractionResult(diff=diff, noise=noise, mask=out, convolved_image=conv_img, convolved=direction,
                             regions=regions, fwhm_science=fwhm_s, fwhm_reference=fwhm_r, spec=spec,
-                            noise_ratio=ratio, n_stars=len(stars), timings=dict(timer.t))
+                            noise_ratio=ratio, n_stars=len(stars), timings=dict(timer.t),
+                            cpu_timings=dict(timer.cpu))
     log.info("subtraction: %d/%d stamps kept, chi2 %.2f, kernel sum %.4f, noise ratio %.3f, %s",
              res.n_kept, res.n_stamps, res.mean_chi2, res.kernel_sum, ratio,
              ", ".join(f"{k} {v:.2f} s" for k, v in res.timings.items()))

@@ -138,7 +138,7 @@ class NightCalibrator:
         NumPy or CuPy.
     """
 
-    cache_size = 6
+    cache_size = 4
     edge_pixels = 0
 
     def __init__(self, settings: Settings, paths: PathConfig, unit: str, xp: ModuleType):

@@ -9,7 +9,7 @@ The steps, in order:
 3. Main Source Extractor run with the weight and flag maps, the image's EGAIN and SATURATE.
 4. Match to the reference at the observation epoch, ZP per aperture
    (:mod:`gppy_phot.zeropoint`).
-5. Empirical aperture noise, limiting magnitudes (:mod:`gppy_phot.depth`).
+5. Aperture noise from the weight map, limiting magnitudes (:mod:`gppy_phot.depth`).
 6. Calibrated columns and the catalogue table (:mod:`gppy_phot.catalog`), the header cards.
 
 This module runs Source Extractor (files in a scratch folder) but writes no product: the
@@ -60,9 +60,8 @@ class PhotParams:
     backphoto_type: str = "GLOBAL"
     default_saturation: float = 60000.0
     refcat_name: str = "GaiaXP"
-    #: Measure the noise correlation (stacks: resampled, correlated pixels). A single frame is
-    #: never resampled, so its pixels are independent and the ratio is 1 by construction; the
-    #: measurement would only pick up the confusion of faint static stars.
+    #: Measure the noise correlation of the image (a diagnostic for stacks, header APNF_k; a
+    #: single frame is never resampled, so its pixels are independent).
     measure_correlation: bool = False
 
 
@@ -300,9 +299,14 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
         raise BadInputError(image_path, f"only {int(zpsel.sum())} reference star(s) usable for the zero "
                                         f"point (matched within {p.match_radius_arcsec} arcsec in {refpath})")
 
-    # 5. noise correlation (needs the pixels): aperture noise / white noise per aperture
+    # 5. noise: pixel RMS (SKYSIG), the weight map's sigma for apertures, and (stacks) the
+    #    noise correlation as a diagnostic
     skysig = float(res.rms)
-    lap("match")
+    sigma_ap = skysig
+    if wpath is not None:
+        sw = depth.weight_sigma(wpath, mask)
+        if np.isfinite(sw) and sw > 0:
+            sigma_ap = sw
     if p.measure_correlation:
         rho = depth.noise_correlation(data, mask != 0)
         noise = {s: depth.correlation_noise_ratio(rho, aps.diameters[s]) for s in SUFFIXES[1:]}
@@ -318,9 +322,6 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
         fcol, ecol = catalog.se_flux_columns(s)
         flux = np.asarray(se[fcol], float)
         ferr = np.asarray(se[ecol], float)
-        ratio = noise.get(s, float("nan"))
-        if s in noise:
-            ferr = depth.inflate_flux_errors(ferr, skysig, aps.diameters[s], ratio)
         with np.errstate(divide="ignore", invalid="ignore"):
             inst = np.where(flux > 0, -2.5 * np.log10(np.where(flux > 0, flux, 1.0)), np.nan)
         zpi = rmag - inst
@@ -331,8 +332,8 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
         zp_inputs[s] = (rmag[use], zpi[use], zp.kept)
         calibrated[s] = zeropoint.calibrate(flux, ferr, zp.zp, zp.ezp)
         d = aps.diameters[s]
-        depths[s] = (depth.limiting_magnitude(zp.zp, skysig, d, 3, ratio),
-                     depth.limiting_magnitude(zp.zp, skysig, d, 5, ratio))
+        depths[s] = (depth.limiting_magnitude(zp.zp, sigma_ap, d, 3),
+                     depth.limiting_magnitude(zp.zp, sigma_ap, d, 5))
 
     suf = list(SUFFIXES[1:])
     try:

@@ -156,12 +156,6 @@ def noise_header(sci_header: fits.Header, summary: dict) -> fits.Header:
     return _with_cards(h, quality_cards(summary))
 
 
-def weight_header(sci_header: fits.Header, summary: dict) -> fits.Header:
-    h = wcs_keys(sci_header)
-    set_card(h, "IMAGETYP", "WEIGHT", "inverse variance of the difference; 0 where masked")
-    return _with_cards(h, quality_cards(summary))
-
-
 def mask_header(sci_header: fits.Header, summary: dict) -> fits.Header:
     h = wcs_keys(sci_header)
     set_card(h, "IMAGETYP", "MASK", "bit mask of the difference (non-zero = bad)")

@@ -14,9 +14,8 @@ Consumes ``phot.done``. Acts on successful photometry of a stack (and of a singl
 4. runs the native engine (:mod:`gppy_subtract.engine`; array backend from ``gpu``), or
    HOTPANTS when ``subtract_engine`` is ``hotpants``/``auto`` and the binary is on PATH;
 5. writes ``transient/<stem>.subt.fits`` (difference, science header and quality keys),
-   ``<stem>.subt.noise.fits`` (1-sigma), ``<stem>.subt.mask.fits`` (uint16 MaskBit),
-   ``<stem>.subt.weight.fits`` (inverse variance, the data contract's weight of an image) and
-   the convolved image (:func:`gppy.naming.convolved_reference_name` when the reference is
+   ``<stem>.subt.noise.fits`` (1-sigma; its inverse square is the weight), ``<stem>.subt.mask.fits``
+   (uint16 MaskBit) and the convolved image (:func:`gppy.naming.convolved_reference_name` when the reference is
    convolved, else ``<stem>.conv.fits``), all atomically and provenance-stamped;
 6. returns ``diff.done``.
 
@@ -231,7 +230,7 @@ def product_paths(sci_path: Path, ref_path: Path, sci_header: fits.Header, convo
     if conv is None:
         conv = dirs.transient / f"{stem(sci_path)}.conv.fits"
     return {"diff": diff, "noise": diff.with_name(stem(diff) + ".noise.fits"), "mask": flag_of(diff),
-            "weight": weight_of(diff), "conv": conv}
+            "conv": conv}
 
 
 class SubtractService(StageService):
@@ -355,11 +354,7 @@ class SubtractService(StageService):
             products.set_card(h, "SUBRESMP", resampled, "reference reprojected onto the science grid")
             return h
 
-        noise = to_host(noise).astype(np.float32)
-        with np.errstate(divide="ignore"):
-            weight = np.where(noise > 0, 1.0 / np.where(noise > 0, noise, 1.0) ** 2, 0).astype(np.float32)
-        write_fits(out["noise"], noise, prov(products.noise_header(sci.header, summary)))
-        write_fits(out["weight"], weight, prov(products.weight_header(sci.header, summary)))
+        write_fits(out["noise"], to_host(noise).astype(np.float32), prov(products.noise_header(sci.header, summary)))
         write_fits(out["mask"], to_host(mask).astype(np.uint16), prov(products.mask_header(sci.header, summary)))
         write_fits(out["conv"], to_host(conv).astype(np.float32),
                    prov(products.convolved_header(sci.header, ref.header, summary)))

@@ -141,10 +141,15 @@ def _frame_state(f: dict) -> str:
 
 
 def frames_from_progress(prog: dict) -> list[dict]:
+    reasons: dict[str, str] = {}
+    for f in prog.get("failures", []):
+        if f.get("item"):
+            reasons.setdefault(f["item"], f"{f['stage']}: {f['reason']}" if f["stage"] != "astrometry"
+                               else f["reason"])
     out = []
     for path, f in prog.get("frames", {}).items():
-        reason = f.get("fail") or ("astrometry failed" if f.get("sol") is False else
-                                   "photometry failed" if f.get("phot") is False else "")
+        reason = f.get("fail") or reasons.get(path) or ("astrometry failed" if f.get("sol") is False else
+                                                        "photometry failed" if f.get("phot") is False else "")
         out.append({"path": path, "raw": f.get("raw", ""), "object": f.get("obj", ""), "filter": f.get("filt", ""),
                     "visit": f.get("visit", ""), "state": _frame_state(f), "calibrated": bool(f.get("cal")),
                     "solved": f.get("sol"), "photometry": f.get("phot"), "reason": reason})
@@ -158,7 +163,8 @@ def _obj_filt_of(path: str) -> tuple[str, str]:
 
 
 def frames_from_summary(summary: dict) -> list[dict]:
-    failed = {f["path"]: f["reason"] for f in summary.get("frames", {}).get("failed", [])}
+    reasons = {item: g.get("reason", "") for g in summary.get("failures", []) for item in g.get("items", [])}
+    failed = {f["path"]: reasons.get(f["path"]) or f["reason"] for f in summary.get("frames", {}).get("failed", [])}
     out = []
     for p in summary.get("products", {}).get("singles", []):
         obj, filt = _obj_filt_of(p)

@@ -24,7 +24,7 @@ from scipy.ndimage import binary_dilation
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest_subtract import acceptance_failures, evaluate, linear_fwhm, simulate_pair  # noqa: E402
 
-from gppy_subtract.engine import EngineParams, Plane, subtract  # noqa: E402
+from gppy_subtract.engine import EngineError, EngineParams, Plane, subtract  # noqa: E402
 
 
 def planes(pair):
@@ -113,3 +113,24 @@ def test_varying_psf_with_v1_regions(varying_psf):
     res, ev = run(varying_psf)   # 3 x 2 regions, each with its own order-2 kernel
     assert len(res.regions) == 6 and not any(r.fallback for r in res.regions)
     assert acceptance_failures(ev) == []
+
+
+def test_sparse_field_regions_fall_back_to_the_whole_image_kernel():
+    pair = simulate_pair(seed=5, shape=(600, 900), n_stars=170, n_transients=6, n_variables=6,
+                         sci_fwhm=linear_fwhm(4.2, shape=(600, 900)), ref_fwhm=linear_fwhm(3.0, shape=(600, 900)))
+    sci, ref = planes(pair)
+    res = subtract(sci, ref, np, EngineParams(nregions=(3, 2)))
+    fallback = [r for r in res.regions if r.fallback]
+    assert fallback, [r.n_stamps for r in res.regions]
+    assert all(r.solution.bounds == (0, 600, 0, 900) for r in fallback)
+    ev = evaluate(pair, res.diff, res.noise, res.mask)
+    assert 0.95 <= ev["std_ratio"] <= 1.10
+
+
+def test_no_common_stars_is_an_engine_error():
+    pair = simulate_pair(seed=6, shape=(300, 400), n_stars=60, n_transients=2, n_variables=2)
+    sci, _ = planes(pair)
+    blank = Plane(np.random.default_rng(1).normal(0, 3, (300, 400)).astype(np.float32),
+                  np.full((300, 400), 9.0, np.float32), np.zeros((300, 400), np.uint16), 10.0, None)
+    with pytest.raises(EngineError, match="stars"):
+        subtract(sci, blank, np, EngineParams(nregions=(1, 1)))

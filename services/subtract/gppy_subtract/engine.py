@@ -101,6 +101,9 @@ class EngineParams:
         Stars whose peak exceeds this fraction of SATURATE are not used.
     clip : float
         Stamp rejection threshold (robust sigmas of reduced chi^2).
+    min_stamps : int
+        A region with fewer usable stamps uses the kernel fitted over the whole image (which
+        itself needs 4).
     max_iter : int
         Maximum rejection iterations.
     tile : int
@@ -123,6 +126,7 @@ class EngineParams:
     detect_snr: float = 10.0
     sat_fraction: float = 0.8
     clip: float = 3.0
+    min_stamps: int = 10
     max_iter: int = 6
     tile: int = 256
     degrees: tuple[int, ...] = (6, 4, 2, 0)
@@ -375,7 +379,10 @@ def _subtract(science: Plane, reference: Plane, xp, p: EngineParams) -> Subtract
         for bounds in region_bounds(shape, p.nregions):
             idx = st.pick_stamps(good, bounds, p.stamp_grid, p.per_cell)
             try:
-                fit = fit_kernel(_stamp_data(tgt, src, good, idx, rss, r, xp), basis, bounds, xp, fft, **fit_kw)
+                if idx.size < p.min_stamps:
+                    raise FitError(f"only {idx.size} stamps in region {bounds} (need {p.min_stamps})")
+                fit = fit_kernel(_stamp_data(tgt, src, good, idx, rss, r, xp), basis, bounds, xp, fft,
+                                 min_stamps=min(p.min_stamps, 4), **fit_kw)
                 regions.append(RegionFit(bounds, fit, int(idx.size)))
             except FitError as exc:
                 log.warning("region %s: %s; using the whole-image solution", bounds, exc)
@@ -384,7 +391,7 @@ def _subtract(science: Plane, reference: Plane, xp, p: EngineParams) -> Subtract
                     gidx = st.pick_stamps(good, full, p.stamp_grid, p.per_cell)
                     try:
                         gfit = fit_kernel(_stamp_data(tgt, src, good, gidx, rss, r, xp), basis, full, xp, fft,
-                                          **fit_kw)
+                                          min_stamps=4, **fit_kw)
                     except FitError as exc2:
                         raise EngineError(f"no kernel solution: {exc2}") from exc2
                     global_fit = RegionFit(full, gfit, int(gidx.size), fallback=True)

@@ -245,7 +245,7 @@ def test_products_names_headers_and_provenance(night):
         with fits.open(prod.image) as h:
             assert h[0].data.dtype == np.dtype(">f4")
             hd = h[0].header
-        assert fits.getdata(prod.mask).dtype == np.uint16 and fits.getdata(prod.weight).dtype == np.dtype(">f4")
+        assert fits.getdata(prod.mask).dtype == np.dtype(">i2") and fits.getdata(prod.weight).dtype == np.dtype(">f4")
         flat = fits.getdata(job.flat.path)
         assert hd["EGAIN"] == pytest.approx(GAIN * np.median(flat), rel=0.01)
         assert hd["EGAINRAW"] == GAIN and hd["GAIN"] == 2750

@@ -31,7 +31,7 @@ from astropy.io import fits
 from gppy import masks as gmasks
 from gppy import naming
 from gppy.config import PathConfig, Settings
-from gppy.fitsio import BadInputError, read_header, write_fits
+from gppy.fitsio import BadInputError, read_header, write_fits, write_mask
 from gppy.masks import MaskBit
 from gppy.provenance import stamp
 from gppy.tables import load_changehdr, load_obs
@@ -530,7 +530,7 @@ class NightCalibrator:
         for name, value in gmasks.describe().items():
             mhdr[f"HIERARCH MASKB_{name}"] = value
         stamp(mhdr, "calib", inputs, subset)
-        write_fits(mask_path, mask_h, mhdr)
+        write_mask(mask_path, mask_h, mhdr)
         return Products(image_path, weight_path, mask_path, ncr, len(trail_list), trail_list)
 
     def _aux_header(self, info: FrameInfo, kind: str, what: str, image: Path) -> fits.Header:

@@ -21,7 +21,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
-from gppy.fitsio import BadInputError, is_complete_fits, read_header, write_fits
+from gppy.fitsio import BadInputError, is_complete_fits, read_header, write_fits, write_mask
 from gppy.masks import describe as mask_bits
 from gppy.naming import flag_of, weight_of
 from gppy.provenance import stamp
@@ -336,7 +336,7 @@ def make_stack(paths: Sequence[str | Path], dest: Path, grid: fits.Header, *, se
         weight_dest = weight_of(dest)
         mask_dest = flag_of(dest)
         write_fits(weight_dest, weight, weight_header)
-        write_fits(mask_dest, mask_out, mask_header)
+        write_mask(mask_dest, mask_out, mask_header)
         write_fits(dest, image, header)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

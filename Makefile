@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := source-extractor scamp missfits swarp wcstools
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps venv demo test lint bench clean
+.PHONY: setup system-deps test-deps venv demo test lint bench clean
 
 setup: system-deps $(STAMP)
 
@@ -27,9 +27,14 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/gppy demo
 
-test: setup
+test: setup test-deps
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# What only the tests need: a Docker engine with Compose v2 and the debian:bookworm-slim base
+# image (compose tests), installed and started when missing.
+test-deps:
+	bash deploy/ci-docker.sh
 
 lint: setup
 	$(BIN)/ruff check .

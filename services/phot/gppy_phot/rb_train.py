@@ -3,7 +3,8 @@
 ``python -m gppy_phot.rb_train [--out rb_model.json] [--images 4] [--seed 1]``
 
 Each training image is pure Gaussian noise (sigma = 10) plus objects on a grid (40 px apart):
-half real point sources (Moffat, beta 2.5-4.5, FWHM 3.5-6.5 px, S/N 5-100), half artefacts
+half real point sources (Moffat, FWHM 3.5-6.5 px and beta 2.5-4.5 per image, given to the
+search as SEEING and COGBETA as the science header does; S/N 5-100), half artefacts
 of five kinds (:func:`add_object`). The real detection pipeline
 (:func:`gppy_phot.transient_products.search`, with a neutral model) measures the features;
 each detection is labelled by the injected object within 3 px (noise peaks, which no model can
@@ -36,10 +37,11 @@ def _psf_snr_flux(snr: float, fwhm: float) -> float:
     return snr * SIGMA * np.sqrt(4 * np.pi) * s
 
 
-def add_object(img: np.ndarray, kind: str, x: float, y: float, fwhm: float, rng: np.random.Generator) -> None:
-    """Add one object of ``kind`` at (x, y) to ``img`` in place."""
+def add_object(img: np.ndarray, kind: str, x: float, y: float, fwhm: float, rng: np.random.Generator,
+               beta_img: float = 3.5) -> None:
+    """Add one object of ``kind`` at (x, y) to ``img`` in place (``beta_img``: the image's PSF)."""
     shape = img.shape
-    beta = rng.uniform(2.5, 4.5)
+    beta = beta_img * rng.uniform(0.9, 1.1)
     if kind == "real":
         f = _psf_snr_flux(np.exp(rng.uniform(np.log(5), np.log(100))), fwhm)
         img += syn.render_sources(shape, [x], [y], [f], fwhm * rng.uniform(0.92, 1.08), beta, half=25)
@@ -75,19 +77,21 @@ def add_object(img: np.ndarray, kind: str, x: float, y: float, fwhm: float, rng:
 def training_image(rng: np.random.Generator, n: int = 1500, spacing: int = 40):
     """(diff, header, objects) with objects = (x, y, kind index)."""
     fwhm = rng.uniform(3.5, 6.5)
+    beta_img = rng.uniform(2.5, 4.5)
     img = np.zeros((n, n))
     xs, ys = np.meshgrid(np.arange(spacing, n - spacing, spacing), np.arange(spacing, n - spacing, spacing))
     xs = xs.ravel() + rng.uniform(-3, 3, xs.size)
     ys = ys.ravel() + rng.uniform(-3, 3, ys.size)
     kinds = np.where(rng.uniform(size=xs.size) < 0.5, 0, rng.integers(1, len(KINDS), xs.size))
     for x, y, k in zip(xs, ys, kinds, strict=True):
-        add_object(img, KINDS[k], x, y, fwhm, rng)
+        add_object(img, KINDS[k], x, y, fwhm, rng, beta_img)
     img += rng.normal(0, SIGMA, img.shape)
     h = syn.make_wcs(n, n).to_header()
     h["SEEING"] = fwhm * syn.PIXSCALE
     h["PEEING"] = fwhm
     h["ELLIP"] = 0.05
     h["ELONG"] = 1.05
+    h["COGBETA"] = beta_img
     h["FILTER"] = "m650"
     h["DATE-OBS"] = "2024-04-23T03:28:04"
     for k in ("AUTO", "0", "1", "2", "3", "4", "5"):

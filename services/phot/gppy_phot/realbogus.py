@@ -13,8 +13,8 @@ do not depend on brightness (so the score does not just repeat the S/N):
 =================  ===========================================================================
 
 Fitting (:mod:`gppy_phot.rb_train`, re-run with ``python -m gppy_phot.rb_train``): synthetic
-difference images with Gaussian noise into which real point sources (Moffat, beta 2.5-4.5,
-FWHM 3.5-6.5 px, S/N 5-100) and five kinds of artefacts are injected: cosmic-ray hits
+difference images with Gaussian noise into which real point sources (Moffat, beta 2.5-4.5 and
+FWHM 3.5-6.5 px per image, S/N 5-100) and five kinds of artefacts are injected: cosmic-ray hits
 (1-4 px), dipoles (a star minus itself shifted by 0.3-1.5 px), PSF-mismatch residuals (a
 star minus a 10-30 % broader or narrower one), bad-column segments and broad blobs (residuals
 of galaxies). The detections of the real pipeline are labelled by the nearest injected object

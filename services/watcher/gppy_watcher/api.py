@@ -441,8 +441,33 @@ class Ops:
 
 
 def _metrics_collector(ops: Ops):
+    tasks: set[asyncio.Task] = set()
+
+    def refresh() -> None:
+        """Start reading the queues (the next scrape gets them): collect() cannot wait."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        stale = ops._queues is None or time.monotonic() - ops._queues[0] > 5.0
+        if stale and not tasks and ops.svc.js is not None:
+            task = loop.create_task(ops.queues(max_age_s=5.0))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
     class Collector:
         def collect(self):
+            refresh()
+            snap = ops._queues[1] if ops._queues is not None else None
+            if snap is not None:
+                fams = {k: GaugeMetricFamily(f"gppy_stage_{k}", doc, labels=["stage"]) for k, doc in (
+                    ("pending", "Messages waiting for a stage (JetStream, both lanes; as read by the watcher)"),
+                    ("ack_pending", "Messages of a stage delivered and not acknowledged yet"),
+                    ("workers", "Replicas of a stage with a live heartbeat"))}
+                for row in snap["stages"]:
+                    for k, fam in fams.items():
+                        fam.add_metric([row["stage"]], row[k])
+                yield from fams.values()
             recs = ops.records()
             nights = GaugeMetricFamily("gppy_nights", "Nights in the ledger by state", labels=["state"])
             for state in ("seen", "waiting", "queued", "processing", "done", "failed"):

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.run [--size full|WxH] [--repeat N] [--only stage,...]
                                   [--out bench/RESULTS.md] [--data bench/data] [--profile DIR]
 
-Stages (``--only``): calib, astrometry, stack, subtract, phot (see :mod:`bench.stages`):
+Stages (``--only``): calib, astrometry, stack, subtract, phot, night (see :mod:`bench.stages`):
 
 * calib: master of 9 bias frames vs ``ccdproc.combine`` (sigma-clipped median) on the same
   files; reduction of one frame (raw read to products written) vs a plain astropy/NumPy
@@ -13,7 +13,10 @@ Stages (``--only``): calib, astrometry, stack, subtract, phot (see :mod:`bench.s
 * stack: three frames stacked by the stage vs plain SWarp on the same files and grid;
 * subtract: the native engine on a stack-sized pair (and one message's work, files to
   products); HOTPANTS where a binary is present (there is none here: the report says so);
-* phot: one frame vs Source Extractor alone; a night's frames serial vs in parallel.
+* phot: one frame vs Source Extractor alone; a night's frames serial vs in parallel;
+* night: the whole chain for real on a short simulated night (`gppy up`'s local stack: NATS and
+  the six services as processes), wall time from night.ready to night.done and CPU seconds per
+  service.
 
 Each stage runs in its own Python process (so its peak memory is its own), the data are made
 once by the stage's bench generators and cached under ``--data/<W>x<H>/`` (git-ignored), each
@@ -39,7 +42,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ["calib", "astrometry", "stack", "subtract", "phot"]
+ORDER = ["calib", "astrometry", "stack", "subtract", "phot", "night"]
 FULL = (9576, 6388)
 FRAMES_PER_VISIT = 3
 NIGHT_FRAMES = 300
@@ -58,7 +61,8 @@ def child(args: argparse.Namespace) -> int:
     from bench.stages import STAGES
 
     size = parse_size(args.size)
-    opts = {"gpu": args.gpu, "workers": args.workers, "phot_frames": args.phot_frames}
+    opts = {"gpu": args.gpu, "workers": args.workers, "phot_frames": args.phot_frames,
+            "generate_only": args.generate_only}
     data = Path(args.data) / f"{size[0]}x{size[1]}"
     data.mkdir(parents=True, exist_ok=True)
     fn = STAGES[args.child]
@@ -107,6 +111,8 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
                "--phot-frames", str(args.phot_frames)]
         if args.profile:
             cmd += ["--profile", str(args.profile)]
+        if args.generate_only:
+            cmd += ["--generate-only"]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
         t0 = time.perf_counter()
@@ -321,6 +327,11 @@ def report(results: dict, args: argparse.Namespace, mach: dict, started: str, lo
         L.append("")
 
     L.append("## Unit-night throughput (derived from the per-stage medians, not a run of the chain)\n")
+    night = results.get("night")
+    if night and "error" not in night:
+        L.append(f"The chain was also run for real on a short simulated night (section night above): "
+                 f"{night['targets'][0]['value']} of wall time, masters included. The table below is the "
+                 f"estimate for a full unit-night from the per-stage medians.\n")
     if chain is None:
         L.append("Not computed: a stage's figure is missing.\n")
     else:
@@ -360,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="processes for the parallel photometry run")
     ap.add_argument("--phot-frames", type=int, default=4, help="frames of the parallel photometry run")
     ap.add_argument("--profile", help="write cProfile output of each stage into this folder")
+    ap.add_argument("--generate-only", action="store_true", help="only make (cache) the data, time nothing")
     ap.add_argument("--json", help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -379,11 +391,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {stage} ({args.size}, repeat {args.repeat}), load {os.getloadavg()[0]:.2f} ...", flush=True)
         results[stage] = run_stage(stage, args)
         r = results[stage]
+        if args.generate_only:
+            print(f"[bench] {stage}: data {'cached' if r.get('generated_s') is None else 'made'} {r}", flush=True)
+            continue
         if "error" in r:
             print(f"[bench] {stage}: ERROR {r['error']}\n{r.get('log_tail', '')}", flush=True)
         else:
             print(f"[bench] {stage}: " + "; ".join(f"{s['name'][:50]}: {s['median_s']:.2f} s" for s in r["series"]),
                   flush=True)
+    if args.generate_only:
+        return 1 if any("error" in r for r in results.values()) else 0
     text = report(results, args, mach, started, load_start, os.getloadavg(), time.perf_counter() - t0)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -90,6 +90,8 @@ def run_calib(size, repeat, workdir: Path, opts: dict) -> dict:
                 "science": str(d["science"]), "mframe": str(d["mframe"])}
 
     data, gen_s = cached(workdir / "calib", {"size": [nx, ny], "nframes": nframes, "v": 1}, make)
+    if opts.get("generate_only"):
+        return {"generated_s": gen_s}
     biases = [Path(p) for p in data["biases"]]
     xp_name = opts.get("gpu", "off")
     xp = get_xp(xp_name)
@@ -232,6 +234,8 @@ def run_astrometry(size, repeat, workdir: Path, opts: dict) -> dict:
         return {"config": str(cfg), "frames": frames}
 
     data, gen_s = cached(workdir / "astrometry", {"size": [nx, ny], "frames": nframes, "v": 1}, make)
+    if opts.get("generate_only"):
+        return {"generated_s": gen_s}
     paths = PathConfig.load(data["config"])
     settings = Settings()
     frames = data["frames"]
@@ -308,6 +312,8 @@ def run_stack(size, repeat, workdir: Path, opts: dict) -> dict:
         return {"paths": [str(p) for p in truth.paths]}
 
     data, gen_s = cached(workdir / "stack", {"size": [nx, ny], "frames": nframes, "v": 1}, make)
+    if opts.get("generate_only"):
+        return {"generated_s": gen_s}
     paths = [Path(p) for p in data["paths"]]
     grid = bench_stack.grid_header(150.0, 2.0, (gw, gh))
     out_root = workdir / "stack-out"
@@ -394,6 +400,8 @@ def run_subtract(size, repeat, workdir: Path, opts: dict) -> dict:
                 "meta": {"sci": [sci.egain, sci.saturate], "ref": [ref.egain, ref.saturate]}}
 
     data, gen_s = cached(workdir / "subtract", {"size": [w, h], "v": 1}, make)
+    if opts.get("generate_only"):
+        return {"generated_s": gen_s}
     folder = workdir / "subtract"
 
     def plane(tag):
@@ -498,6 +506,8 @@ def run_phot(size, repeat, workdir: Path, opts: dict) -> dict:
         return {"frames": [[str(p) for p in f] for f in frames]}
 
     data, gen_s = cached(workdir / "phot", {"size": [nx, ny], "frames": nframes, "v": 1}, make)
+    if opts.get("generate_only"):
+        return {"generated_s": gen_s}
     root = workdir / "phot"
     frames = [tuple(f) for f in data["frames"]]
     one = Series("one frame through photometry_products (read, SExtractor pre-run + main run, match, zero "
@@ -563,7 +573,104 @@ def run_phot(size, repeat, workdir: Path, opts: dict) -> dict:
     }
 
 
+# --------------------------------------------------------------------------------------------
+# night: the whole chain for real (local stack: nats-server + the six services as processes)
+# --------------------------------------------------------------------------------------------
+
+def _cpu_s(pid: int) -> tuple[float, float]:
+    """(own, waited-for children) CPU seconds of a process, from /proc/<pid>/stat."""
+    import os
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan"), float("nan")
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
+
+
+def run_night(size, repeat, workdir: Path, opts: dict) -> dict:
+    import asyncio
+
+    from gppy import naming
+    from gppy.config import load_settings
+    from gppy.local import LocalStack, free_port
+    from gppy.messages import NightReady
+    from gppy.progress import follow_night
+    from gppy.sim import simulate
+
+    nx, ny = size
+
+    def make(folder: Path) -> dict:
+        cfg = simulate(folder, size=(nx, ny), targets=1, filters=["m625"], seed=5,
+                       workers=int(opts.get("workers", 2)))
+        return {"config": str(cfg)}
+
+    data, gen_s = cached(workdir / "night", {"size": [nx, ny], "v": 1}, make)
+    if opts.get("generate_only"):
+        return {"generated_s": gen_s}
+    config = Path(data["config"])
+    settings0 = load_settings(config=str(config))
+    paths = settings0.paths()
+    night_dir = next(Path(paths.path_obsdata).glob("7DT01/*_gain2750"))
+    n_raw = len(list(night_dir.glob("*.fits")))
+    series = Series("the whole night through the local stack (nats-server + 6 services): night.ready to "
+                    "night.done", "ours")
+    per_stage: list[dict] = []
+    counts: list[dict] = []
+    for i in range(max(1, min(repeat, int(opts.get("night_repeat", 1))))):
+        # products of an earlier run are removed (the raw night, references and catalogues stay)
+        for d in (paths.path_processed, paths.path_mframe, paths.path_scratch, paths.path_log):
+            shutil.rmtree(d, ignore_errors=True)
+        run_dir = _fresh(workdir / "night-run")
+        stack = LocalStack(config=config, nats_port=free_port(), http_base=free_port() % 20000 + 30000,
+                           store_dir=run_dir / "nats", log_dir=run_dir / "logs")
+        missing = stack.start()
+        try:
+            if missing:
+                raise RuntimeError(f"stages missing: {missing}")
+            stack.wait_healthy(timeout=180)
+            settings = load_settings(config=str(config), nats_url=stack.nats_url)
+            ev = NightReady(night_id=naming.night_id("7DT01", night_dir) + f"-b{i}", unit="7DT01",
+                            night_dir=str(night_dir))
+            cpu0 = {n: _cpu_s(p.pid) for n, p in stack.procs.items()}
+            run, prog = timed(lambda ev=ev, settings=settings: asyncio.run(
+                follow_night(settings, ev.night_id, publish=ev, timeout=7200, show=False)))
+            cpu1 = {n: _cpu_s(p.pid) for n, p in stack.procs.items()}
+        finally:
+            stack.stop()
+        run.extra = {"status": prog.status, "failures": prog.failures[:10]}
+        series.add(run)
+        per_stage.append({n: {"cpu_s": round(cpu1[n][0] - cpu0[n][0], 1),
+                              "tools_cpu_s": round(cpu1[n][1] - cpu0[n][1], 1)} for n in cpu0})
+        counts.append({"planned_frames": prog.planned_frames, "planned_visits": prog.planned_visits,
+                       "done": dict(prog.done), "failed": dict(prog.failed),
+                       "active_s": {k: round(prog.last_seen[k] - prog.first_seen[k], 1) for k in prog.first_seen}})
+    sn = series.summary()
+    c = counts[-1]
+    nf = c["planned_frames"] or 0
+    ok = all(r["extra"]["status"] == "done" for r in sn["runs"])
+    per_frame = sn["median_s"] / nf if nf else float("nan")
+    return {
+        "series": [sn],
+        "steps": {f"{n} CPU s (own + tools)": round(v["cpu_s"] + v["tools_cpu_s"], 1) for n, v in per_stage[-1].items()},
+        "targets": [target(f"a real night ({nf} science frames, {c['planned_visits']} visits, masters from "
+                           f"{n_raw - nf} calibration frames), wall time per science frame",
+                           "< 60-180 s per frame (telescope cadence)", f"{per_frame:.1f} s per frame",
+                           ok and per_frame < 60.0)],
+        "ratios": {},
+        "info": {"status": [r["extra"]["status"] for r in sn["runs"]], "raw frames": n_raw, "progress": c,
+                 "cpu per process": per_stage[-1], "generate_s": gen_s,
+                 "failures": [r["extra"]["failures"] for r in sn["runs"] if r["extra"]["failures"]]},
+        "notes": ["gppy.sim night: 1 target, 1 filter (7 bias, 10 dark, 5 flat; science frames of 100 s, 300 s "
+                  "and 45 s, grouped into visits by the calib stage's plan), processed end to end by `gppy up`'s "
+                  "local stack on this machine, one replica per service; wall time "
+                  "from publishing night.ready to night.done. CPU seconds per service process (own and its "
+                  "external tools) over the run. Includes building the masters of the night."],
+    }
+
+
 STAGES: dict[str, Callable[..., dict]] = {
     "calib": run_calib, "astrometry": run_astrometry, "stack": run_stack, "subtract": run_subtract,
-    "phot": run_phot,
+    "phot": run_phot, "night": run_night,
 }

@@ -19,7 +19,7 @@ import pytest
 from gppy import tools
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["calib", "astrometry", "stack", "subtract", "phot"]
+STAGES = ["calib", "astrometry", "stack", "subtract", "phot", "night"]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,14 @@ def test_side_by_side_runs_agree(smoke):
     # subtraction: the timed difference is noise-limited (noise ratio from the engine's own residuals)
     for q in raw["results"]["subtract"]["info"]["quality"]:
         assert 0.9 < q["noise_ratio"] < 1.1, q
+    # the real chain finished the night with every frame through every stage
+    night = raw["results"]["night"]["info"]
+    assert night["status"] == ["done"]
+    prog = night["progress"]
+    assert prog["planned_frames"] >= 3 and not prog["failed"]
+    for stage in ("calib", "astrometry", "phot"):
+        assert prog["done"][stage] == prog["planned_frames"], (stage, prog)
+    assert prog["done"]["stack"] == prog["done"]["subtract"] == prog["planned_visits"] >= 1
     # photometry: the zero point of the synthetic frames is 26.7
     for f in raw["results"]["phot"]["info"]["figures"]:
         assert abs(f["zp"] - 26.7) < 0.05, f

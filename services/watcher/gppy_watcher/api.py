@@ -258,7 +258,15 @@ class Ops:
 
     # ---- ledger and progress
     def records(self) -> list[NightRecord]:
-        return self.svc.ledger.records() if self.svc.ledger else []
+        """Every ledger record, read-only (the ledger's cached objects, not copies: a year of
+        20 units is thousands of records, read on every dashboard poll)."""
+        ledger = self.svc.ledger
+        if ledger is None:
+            return []
+        cache = getattr(ledger, "_cache", None)
+        if isinstance(cache, dict):
+            return [hit[0] for hit in list(cache.values())]
+        return ledger.records()
 
     def record(self, night_id: str) -> NightRecord:
         rec = self.svc.ledger.cached(night_id) if self.svc.ledger else None
@@ -291,6 +299,8 @@ class Ops:
                 hit = (stamp, json.loads(Path(p).read_text()))
             except (OSError, json.JSONDecodeError):
                 return None
+            if len(self._summaries) >= 200:
+                self._summaries.clear()
             self._summaries[p] = hit
         return hit[1]
 
@@ -405,9 +415,12 @@ class Ops:
             return result
 
     # ---- failures
-    async def failures(self, limit: int) -> list[dict]:
+    async def failures(self, limit: int, recs: list[NightRecord] | None = None, recent_nights: int = 30) -> list[dict]:
+        """Failures of the nights being processed and of the ``recent_nights`` last finished."""
+        recs = self.records() if recs is None else recs
+        done = sorted((r for r in recs if r.terminal), key=lambda r: -(r.finished_at or 0))[:recent_nights]
         out: list[dict] = []
-        for rec in self.records():
+        for rec in [r for r in recs if r.active] + done:
             base = {"night_id": rec.night_id, "unit": rec.unit}
             prog = await self.progress(rec) if rec.active else None
             if prog is not None:
@@ -429,8 +442,8 @@ class Ops:
         return out[:limit]
 
     # ---- the dashboard's choice of night
-    def current(self, wanted: str | None) -> NightRecord | None:
-        recs = self.records()
+    def current(self, wanted: str | None, recs: list[NightRecord] | None = None) -> NightRecord | None:
+        recs = self.records() if recs is None else recs
         if wanted:
             return next((r for r in recs if r.night_id == wanted), None)
         active = [r for r in recs if r.state == "processing"] or [r for r in recs if r.active]
@@ -623,10 +636,10 @@ def build_router(service: WatcherService) -> APIRouter:
         recs = ops.records()
         active = sorted((r for r in recs if r.active), key=lambda r: -(r.queued_at or 0))
         recent = sorted((r for r in recs if not r.active), key=lambda r: -(r.finished_at or r.updated_at or 0))[:15]
-        cur = ops.current(night)
+        cur = ops.current(night, recs)
         out = {"at": time.time(), "active": [ops.night_row(r) for r in active],
                "recent": [ops.night_row(r) for r in recent], "queues": await ops.queues(),
-               "failures": await ops.failures(20), "current": cur.night_id if cur else None,
+               "failures": await ops.failures(20, recs), "current": cur.night_id if cur else None,
                "qa": None, "candidates": None}
         if cur is not None:
             out["qa"] = await ops.qa(cur)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from gppy_watcher.ledger import NightRecord
     from gppy_watcher.service import WatcherService
 
+log = logging.getLogger(__name__)
 DASHBOARD_DIR = Path(__file__).parent / "dashboard"
 DASHBOARD_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 #: Stages whose consumers the queue view lists, in pipeline order.
@@ -505,6 +507,9 @@ def build_router(service: WatcherService) -> APIRouter:
     """The API and dashboard routes of ``service`` (a :class:`~gppy_watcher.service.WatcherService`)."""
     ops = Ops(service)
     router = APIRouter()
+    if not service.settings.secret("api_token"):
+        log.warning("no API token configured (GPPY_API_TOKEN): the API's mutations are open to anyone who "
+                    "reaches this port")
     if not getattr(service, "_ops_metrics", False):
         service.registry.register(_metrics_collector(ops))
         service._ops_metrics = True

@@ -6,6 +6,9 @@ const POLL_MS = 2000;
 const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
                  "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39"];
 const SVG_NS = "http://www.w3.org/2000/svg";
+// The watcher's root, relative to this page (/dashboard/): works behind a proxy's sub-path too.
+const ROOT = new URL("..", window.location.href);
+const api = (path) => new URL(path.replace(/^\//, ""), ROOT).href;
 const state = { selected: null, polls: 0, filterColours: {} };
 
 function el(tag, attrs, ...children) {
@@ -94,7 +97,7 @@ function renderRecent(nights) {
   body.replaceChildren();
   for (const n of nights) {
     const c = (k) => { const s = n.stages.find(x => x.stage === k); return s ? s.done : 0; };
-    const link = n.report_url ? el("a", { href: n.report_url, target: "_blank", class: "report" }, "report") : "–";
+    const link = n.report_url ? el("a", { href: api(n.report_url), target: "_blank", class: "report" }, "report") : "–";
     const name = el("a", { href: "#", "data-night": n.night_id }, n.night_id);
     name.addEventListener("click", (e) => { e.preventDefault(); select(n.night_id); });
     body.append(el("tr", { "data-night": n.night_id },
@@ -199,7 +202,7 @@ function renderCandidates(c) {
     const imgs = el("div", {});
     for (const tag of ["sci", "ref", "sub"]) {
       const url = x.cutout_urls[tag];
-      if (url) imgs.append(el("img", { src: url, alt: tag, title: tag, "data-tag": tag, loading: "eager" }));
+      if (url) imgs.append(el("img", { src: api(url), alt: tag, title: tag, "data-tag": tag, loading: "eager" }));
     }
     box.append(el("div", { class: "cand", "data-id": x.id, "data-catalogue": x.catalogue },
       imgs,
@@ -237,7 +240,7 @@ async function poll(now) {
   const conn = document.getElementById("conn");
   try {
     const q = state.selected ? `?night=${encodeURIComponent(state.selected)}` : "";
-    const resp = await fetch(`/overview${q}`, { cache: "no-store" });
+    const resp = await fetch(api(`overview${q}`), { cache: "no-store" });
     if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
     const data = await resp.json();
     renderActive(data.active);

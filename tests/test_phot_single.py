@@ -304,3 +304,23 @@ def test_banded_source_extractor_gives_the_same_catalogue(field, tmp_path):
     assert np.all(np.abs(dflux) < 0.2 * np.asarray(a["FLUXERR_APER_1"])[ok])
     for s in SUFFIXES:  # the same stars, possibly clipped differently: well within the ZP error
         assert abs(whole.zps[s].zp - banded.zps[s].zp) < 1.5 * whole.zps[s].ezp
+
+
+def test_non_finite_pixels_are_flagged_not_fatal(field, tmp_path):
+    """NaN pixels (no data: NONFINITE in the mask, zero weight, as the calib stage writes them)
+    reach Source Extractor as flagged zeros; nothing is detected there and the photometry goes
+    on."""
+    from gppy.masks import MaskBit
+
+    img = syn.add_noise(syn.noiseless_image(field), field.gain, field.rdnoise, np.random.default_rng(10))
+    img[400:420, :] = np.nan
+    mask = np.zeros(field.shape, np.uint16)
+    mask[400:420, :] = int(MaskBit.NONFINITE)
+    res = run_phot(tmp_path, field, img, mask=mask)
+    t = res.table
+    y = np.asarray(t["Y_IMAGE"]) - 1
+    assert not np.any((y > 401) & (y < 418))
+    assert np.all(np.isfinite(np.asarray(t["FLUX_APER_1"])))
+    r = res.apertures.diameters["APER_3"] / 2
+    expected = field.zp + 2.5 * np.log10(cp.pixel_ee(r, field.fwhm_px, field.beta))
+    assert abs(res.zps["APER_3"].zp - expected) < 0.02

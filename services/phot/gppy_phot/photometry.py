@@ -238,8 +238,15 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
     p = params or PhotParams()
     info = ImageInfo.from_header(header, image_path, p.default_saturation)
     workdir.mkdir(parents=True, exist_ok=True)
+    finite = np.isfinite(data)
     if mask is None:  # Source Extractor needs a flag image for IMAFLAGS_ISO: non-finite pixels
-        mask = (~np.isfinite(data)).astype(np.uint16)
+        mask = (~finite).astype(np.uint16)
+    if not finite.all():
+        # Source Extractor has no notion of NaN: measure a copy with them at 0 and flagged
+        mask = mask | (~finite).astype(mask.dtype)
+        data = np.where(finite, data, 0.0).astype(np.float32)
+        image_path = write_fits(workdir / "finite.fits", data, header)
+    del finite
     flag_path = workdir / "flag.fits"   # written when a whole-frame run needs it
     wpath = weight_path if weight_path is not None and Path(weight_path).exists() else None
     ref_ra, ref_dec = reference_positions(ref, info.obstime)

@@ -310,3 +310,20 @@ def test_false_candidates_in_pure_noise(tmp_path):
     # Poisson upper bound at ~3 sigma (the vetting only removes some of them)
     assert ncand <= expected + 3 * np.sqrt(expected) + 1, (ncand, expected)
     assert np.all(np.abs(np.asarray(t["snr_psf"])[np.asarray(t["candidate"], bool)]) >= u)
+
+
+def test_reference_from_a_convolved_science():
+    """When the subtract stage convolved the science (SUBCONV = SCIENCE), the reference on the
+    science scale is conv / sum(K) - D."""
+    from gppy_phot.transient_products import reference_on_science_scale
+
+    rng = np.random.default_rng(0)
+    sci = rng.uniform(0, 100, (20, 20))
+    ref = rng.uniform(0, 100, (20, 20))
+    k = 1.7
+    conv = k * sci
+    diff = (conv - ref) / k
+    h = fits.Header({"SUBCONV": "SCIENCE", "SUBKSUM": k})
+    assert np.allclose(reference_on_science_scale(conv, diff, h), ref / k, atol=1e-4)
+    h["SUBCONV"] = "REFERENCE"
+    assert reference_on_science_scale(conv, diff, h) is conv

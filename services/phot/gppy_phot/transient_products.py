@@ -317,6 +317,25 @@ SCIENCE_KEYS = ("SEEING", "PEEING", "ELLIP", "ELONG", "COGBETA", "FILTER", "DATE
     f"{pre}{ZP_KEYS[s]}" for s in SUFFIXES for pre in ("ZP_", "EZP_"))
 
 
+def reference_on_science_scale(conv: np.ndarray, diff: np.ndarray, header: fits.Header) -> np.ndarray:
+    """The reference, PSF-matched where possible, on the science photometric scale.
+
+    The subtract stage writes the image it convolved (``SUBCONV``): the convolved reference
+    K*R + B (already on the science scale, D = S - conv), or the convolved science K*S + B in
+    the reference's units, with D = (conv - R) / sum(K); then R / sum(K) = conv / sum(K) - D
+    (with the reference's own, broader PSF).
+    """
+    if str(header.get("SUBCONV", "REFERENCE")).strip().upper() != "SCIENCE":
+        return conv
+    try:
+        ksum = float(header.get("SUBKSUM", 1.0))
+    except (TypeError, ValueError):
+        ksum = 1.0
+    if not np.isfinite(ksum) or ksum <= 0:
+        ksum = 1.0
+    return (conv / ksum - diff).astype(np.float32)
+
+
 def with_science_keys(diff_header: fits.Header, sci_header: fits.Header) -> fits.Header:
     """The difference header completed with the science keys it lacks."""
     h = diff_header.copy()
@@ -424,8 +443,7 @@ def difference_products(event, processed: Path, scratch_root: Path, params: Phot
     conv = None
     if event.conv_path and Path(event.conv_path).exists():
         conv, _ = read_image(event.conv_path)
-        if conv.shape != diff.shape:
-            conv = None
+        conv = reference_on_science_scale(conv, diff, header) if conv.shape == diff.shape else None
     ref_fp = None
     if event.reference_path and Path(event.reference_path).exists():
         rh = read_header(event.reference_path)

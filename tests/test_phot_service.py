@@ -85,7 +85,7 @@ def test_service_photometry_and_failures(settings, tmp_path):
     broken, bw, bm = cp.write_frame(dirs.base, fld, img, unit=UNIT, obj=OBJ, date_obs="2024-04-23T03:40:00")
     bw.write_bytes(b"not a FITS file" * 300)
 
-    common = dict(night_id=NIGHT, unit=UNIT, filter=FILT)
+    common = dict(night_id=NIGHT, unit=UNIT, filter=FILT, run=2)
     events = [
         FrameSolved(path=str(single), weight_path=str(sw), mask_path=str(sm), object=OBJ, exptime=60.0,
                     date_obs="2024-04-23T03:28:04", visit="v1", **common),
@@ -126,6 +126,7 @@ def test_service_photometry_and_failures(settings, tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
     by_path = {(d.image_path, d.image_kind): d for d in done}
+    assert all(d.run == 2 for d in done)       # the night's run travels with every answer
     diff = by_path[(str(dpath), "difference")]
     assert diff.ncandidates == 2, diff
     cands = Table.read(diff.candidates_path, format="ascii")

@@ -173,8 +173,9 @@ class PhotService(StageService):
 
     # ------------------------------------------------------------------ helpers
     def _done(self, event: Event, image: str, kind: str, ok: bool = True, reason: str = "", **kw) -> PhotometryDone:
-        return PhotometryDone(night_id=event.night_id, unit=event.unit, lane=event.lane, image_path=image,
-                              image_kind=kind, ok=ok, reason=reason[:2000], **kw)
+        return PhotometryDone(night_id=event.night_id, unit=event.unit, lane=event.lane,
+                              run=getattr(event, "run", 0), image_path=image, image_kind=kind, ok=ok,
+                              reason=reason[:2000], **kw)
 
     def _image(self, event: Event, path: str, weight: str, mask: str, kind: str) -> list[Event]:
         try:

@@ -65,7 +65,8 @@ def require_engine() -> None:
 
 
 def remove_stale_projects() -> None:
-    """Remove containers, networks and volumes of earlier, interrupted test stacks."""
+    """Remove containers, networks, volumes and data roots of earlier, interrupted test stacks
+    (the compose test modules run one after the other, never two at once)."""
     out = run(["docker", "ps", "-a", "--format", '{{.ID}} {{.Label "com.docker.compose.project"}}'], check=False)
     stale = [line.split() for line in out.stdout.splitlines() if len(line.split()) == 2]
     ids = [cid for cid, proj in stale if proj.startswith(PROJECT_PREFIX)]
@@ -78,6 +79,8 @@ def remove_stale_projects() -> None:
                        check=False).stdout.strip()
             if proj.startswith(PROJECT_PREFIX):
                 run(["docker", kind, "rm", name], check=False)
+    for old in Path("/var/tmp").glob("gppy-compose-*"):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def image_env() -> dict[str, str]:

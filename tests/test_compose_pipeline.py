@@ -52,9 +52,9 @@ pytestmark = [pytest.mark.docker]
 UNIT = "7DT01"
 NIGHT1 = "2025-01-15"
 NIGHT2 = "2025-01-16"
-# One target, one filter, with the extra visits: 3 visits (3 x 100 s, 3 x 300 s, 1 x 45 s), so three
-# stacks per night for two subtract replicas, all against the simulated 7DT reference.
-SIM = dict(unit=UNIT, targets=1, filters=["m650"], size=(1024, 768), extras=True, n_transients=4)
+# Two targets (a tile with a 7DT reference and a named field with a PS1-like one), one filter:
+# two visits, so two stacks per night for two subtract replicas.
+SIM = dict(unit=UNIT, targets=2, filters=["m650"], size=(1024, 768), extras=False, n_transients=4)
 SEED1, SEED2 = 11, 12  # night 2 observes another tile (its own references, sky grid and truth)
 NIGHT_TIMEOUT_S = float(os.environ.get("GPPY_TEST_NIGHT_TIMEOUT", "1200"))
 SWAP_TAG = f"{TAG}-swap"
@@ -62,21 +62,41 @@ WCS_TOLERANCE_ARCSEC = 0.5  # SCAMP lands within ~0.05" of the truth here; a wro
 
 
 def simulate(root: Path, night: str, seed: int) -> Path:
-    """Simulate a night into the data root (night 2 while the stack runs, as a real night's files
-    arrive), hand the files to the pipeline user and set a short quiet period in path.json.
-    The umask keeps every new file usable by the pipeline user before the chown reaches it."""
+    """Simulate a night (raw frames, references, sky grid, truth) into ``root``."""
     from gppy.sim import simulate as sim
 
-    old = os.umask(0)
-    try:
-        config = Path(sim(root, night=night, seed=seed, **SIM))
-    finally:
-        os.umask(old)
-    cfg = json.loads(config.read_text())
+    return Path(sim(root, night=night, seed=seed, **SIM))
+
+
+def install_night1(data: Path, sim1: Path) -> None:
+    """The data root as night 1's simulation made it, with path.json pointing at ``data`` and a
+    short quiet period for the watcher."""
+    shutil.copytree(sim1 / "factory", data / "factory")
+    shutil.copytree(sim1 / "obsdata", data / "obsdata")
+    cfg = json.loads((sim1 / "path.json").read_text())
+    for key, value in list(cfg.items()):
+        if isinstance(value, str) and value.startswith(str(sim1)):
+            cfg[key] = str(data) + value[len(str(sim1)):]
     cfg.setdefault("settings", {}).update(quiet_period_s=5.0, poll_interval_s=2.0)
-    config.write_text(json.dumps(cfg, indent=1))
-    chown_tree(root)
-    return config
+    (data / "path.json").write_text(json.dumps(cfg, indent=1))
+    chown_tree(data)
+
+
+def drop_night2(data: Path, sim2: Path) -> Path:
+    """Night 2's references and sky grid into the factory (replacing night 1's; the named field
+    has the same name and another position in each simulation), then its raw folder moved into
+    obsdata in one rename, as a completely copied night appears."""
+    for sub in ("ref_cat", "ref_scamp", "ref_frame"):
+        shutil.copytree(sim2 / "factory" / sub, data / "factory" / sub, dirs_exist_ok=True)
+    tmp = data / "factory" / ".skygrid.fits.part"
+    shutil.copyfile(sim2 / "factory" / "skygrid.fits", tmp)
+    os.replace(tmp, data / "factory" / "skygrid.fits")
+    staged = data / ".staging" / f"{NIGHT2}_gain2750"
+    shutil.copytree(sim2 / "obsdata" / UNIT / staged.name, staged)
+    chown_tree(data)
+    dst = data / "obsdata" / UNIT / staged.name
+    os.rename(staged, dst)
+    return dst
 
 
 @pytest.fixture(scope="module")
@@ -89,16 +109,19 @@ def pipeline(tmp_path_factory):
     seconds = build_images(extra_env={k: built_with[k] for k in ("GPPY_VERSION", "GPPY_REVISION")})
     print(f"image build (base + 6 stages): {seconds:.1f} s")
     data = make_data_root()
-    chown_tree(data)
-    simulate(data, NIGHT1, SEED1)
-    stack = ComposeStack(data)
-    stack.built_with = built_with
+    stack = None
     logs = tmp_path_factory.mktemp("compose-logs") / "pipeline-stack.log"
     try:
+        for night, seed, name in ((NIGHT1, SEED1, "sim1"), (NIGHT2, SEED2, "sim2")):
+            simulate(data.parent / name, night, seed)
+        install_night1(data, data.parent / "sim1")
+        stack = ComposeStack(data)
+        stack.built_with = built_with
         stack.up()
         yield stack
     finally:
-        stack.destroy(keep_logs=logs)
+        if stack is not None:
+            stack.destroy(keep_logs=logs)
         print(f"compose logs: {logs}; module time {time.monotonic() - t0:.0f} s")
         shutil.rmtree(data.parent, ignore_errors=True)
 
@@ -143,19 +166,18 @@ def wait_night_done(stack: ComposeStack, night_id: str, timeout: float = NIGHT_T
     return wait_for(done, timeout, f"night.done of {night_id}", interval=3.0)
 
 
-def truth(root: Path) -> dict:
-    """The simulator's truth of the night simulated last into ``root``."""
-    return json.loads((root / "truth" / "night.json").read_text())
+def truth(sim_root: Path) -> dict:
+    return json.loads((sim_root / "truth" / "night.json").read_text())
 
 
 def expected_version() -> str:
     return image_env()["GPPY_VERSION"]
 
 
-def check_products(stack: ComposeStack, night_id: str, tr: dict) -> None:
+def check_products(stack: ComposeStack, night_id: str, truth_root: Path) -> None:
     """Every planned frame, stack and difference exists once, is owned by the pipeline user,
-    carries the image's version, and the frames' WCS matches the simulator's truth ``tr``."""
-    truth_root = stack.data_root
+    carries the image's version, and the frames' WCS matches the simulator's truth."""
+    tr = truth(truth_root)
     version = expected_version()
     evs = events(stack, night_id)
     kinds = [e.kind for e in evs]
@@ -200,9 +222,16 @@ def check_products(stack: ComposeStack, night_id: str, tr: dict) -> None:
         sep = a.separation(b).arcsec.max()
         assert sep < WCS_TOLERANCE_ARCSEC, f"{planned.calib_path}: WCS off the truth by {sep:.2f}\""
 
+    # The pipeline groups frames into visits by v1's rule (same object and filter, gap < 300 s): the
+    # simulator's sequences of one target and filter follow each other closely and form one visit.
+    visits = {(f.object, f.filter, f.visit) for f in plans[0].frames}
+    assert len({(f["object"], f["filter"]) for f in science}) == len({(o, f) for o, f, _ in visits})
     stacks = [e for e in evs if e.kind == "stack.done"]
-    assert len({e.path for e in stacks}) == len(stacks) == len(tr["visits"]), \
-        f"{len(stacks)} stack.done for {len(tr['visits'])} visits"
+    assert len({e.path for e in stacks}) == len(stacks) == len(visits), \
+        f"{len(stacks)} stack.done for {len(visits)} visits"
+    for s in stacks:
+        members = sorted(f.calib_path for f in plans[0].frames if f.visit == s.visit)
+        assert sorted(s.input_paths) == members, f"{s.path}: inputs differ from the visit's frames"
     diffs = [e for e in evs if e.kind == "diff.done"]
     assert sorted(e.science_path for e in diffs) == sorted(e.path for e in stacks), \
         "every stack subtracted exactly once"
@@ -291,17 +320,15 @@ def test_night_then_scale_swap_and_restart(pipeline):
     night1 = naming.night_id(UNIT, root / "obsdata" / UNIT / f"{NIGHT1}_gain2750")
 
     # ---- night 1: found by the watcher, run to the end, products against the truth
-    truth1 = truth(root)
     done1 = wait_night_done(stack, night1)
     assert done1.status == "done"
-    check_products(stack, night1, truth1)
+    check_products(stack, night1, root.parent / "sim1")
 
     # ---- night 2 with subtraction held, then two replicas replaced mid-night by a new image
     stack.compose("stop", "subtract")
-    simulate(root, NIGHT2, SEED2)  # the night's files arrive in the data root while the stack runs
-    truth2 = truth(root)
-    night2 = naming.night_id(UNIT, root / "obsdata" / UNIT / f"{NIGHT2}_gain2750")
-    n_visits2 = len(truth2["visits"])
+    night2 = naming.night_id(UNIT, drop_night2(root, root.parent / "sim2"))
+    n_visits2 = len({(f["object"], f["filter"]) for f in truth(root.parent / "sim2")["frames"]
+                     if f.get("kind") == "science"})
 
     def upstream_idle_and_subtraction_waiting() -> bool:
         if len(events(stack, night2, "stack.done")) < n_visits2:
@@ -333,7 +360,7 @@ def test_night_then_scale_swap_and_restart(pipeline):
         assert labels["org.opencontainers.image.revision"].endswith("-swap")
     done2 = wait_night_done(stack, night2)
     assert done2.status == "done"
-    check_products(stack, night2, truth2)
+    check_products(stack, night2, root.parent / "sim2")
     info = consumer(stack, "subtract-survey")
     subjects = list(info.config.filter_subjects or [info.config.filter_subject])
     assert info.num_pending == 0 and info.num_ack_pending == 0

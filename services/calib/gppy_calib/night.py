@@ -151,6 +151,8 @@ class NightCalibrator:
         self.mroot = Path(paths.path_mframe)
         self._cache: OrderedDict[Path, tuple[np.ndarray, np.ndarray, fits.Header]] = OrderedDict()
         self._setcache: dict[tuple, tuple] = {}
+        #: Id of the night-ready message being handled, stamped as CALRUNID on each product.
+        self.run_id = ""
 
     # ------------------------------------------------------------------ scan
     def scan(self, night_dir: Path, targets: list[str] | None = None,
@@ -575,6 +577,8 @@ class NightCalibrator:
         hdr["NTRAIL"] = (len(trail_list), "trails found")
         hdr["NTRLPIX"] = (int(np.count_nonzero(mask & int(MaskBit.TRAIL))), "pixels flagged TRAIL")
         hdr["CALBACK"] = (backend_name(self.xp), "array backend of the calibration")
+        if self.run_id:
+            hdr["CALRUNID"] = (self.run_id, "night-ready message that produced this frame")
         return hdr
 
 

@@ -17,12 +17,12 @@ import logging
 from pathlib import Path
 from typing import ClassVar
 
-from gppy.fitsio import BadInputError
+from gppy.fitsio import BadInputError, is_complete_fits, read_header
 from gppy.messages import Event, FrameCalibrated, NightPlan, NightReady, PlannedFrame
 from gppy.naming import flag_of, weight_of
 from gppy.runtime import StageService, run_service
 from gppy.xp import get_xp
-from gppy_calib.night import Job, NightCalibrator
+from gppy_calib.night import Job, NightCalibrator, Products
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class CalibService(StageService):
         if not isinstance(event, NightReady):
             raise BadInputError(getattr(event, "night_id", "?"), f"calib does not handle {event.kind}")
         cal = self.calibrator(event.unit)
+        cal.run_id = event.msg_id().split(":", 1)[1][:16]
         with self.step("masters"):
             result = await asyncio.to_thread(cal.prepare, Path(event.night_dir), event.targets, event.filters)
         for path, reason in result.rejected.items():
@@ -57,8 +58,14 @@ class CalibService(StageService):
         outputs: list[Event] = [plan]
         for job in result.jobs:
             try:
-                with self.step("reduce"):
-                    products = await asyncio.to_thread(cal.reduce, job)
+                if self._reduced_already(job, cal.run_id):
+                    # An earlier delivery of this message wrote it (and it was announced then);
+                    # astrometry and photometry may have updated it in place since: keep it.
+                    log.info("frame %s already reduced by this run: kept", job.calib_path)
+                    products = Products(job.calib_path, weight_of(job.calib_path), flag_of(job.calib_path))
+                else:
+                    with self.step("reduce"):
+                        products = await asyncio.to_thread(cal.reduce, job)
             except BadInputError as exc:
                 # reported down the chain (astrometry -> phot -> stack) so its visit never waits
                 log.error("frame %s failed: %s", job.info.path, exc.reason)
@@ -79,6 +86,17 @@ class CalibService(StageService):
         log.info("night %s: %d frames reduced, %d rejected, %d masters archived", event.night_id,
                  sum(isinstance(o, FrameCalibrated) and o.ok for o in outputs), len(result.rejected), len(result.masters))
         return outputs
+
+    @staticmethod
+    def _reduced_already(job: Job, run_id: str) -> bool:
+        """True when the frame's products exist, complete, written for the message ``run_id``."""
+        paths = (job.calib_path, weight_of(job.calib_path), flag_of(job.calib_path))
+        if not all(is_complete_fits(p) for p in paths):
+            return False
+        try:
+            return read_header(job.calib_path).get("CALRUNID") == run_id
+        except BadInputError:
+            return False
 
     @staticmethod
     def _planned(job: Job) -> PlannedFrame:

@@ -107,10 +107,15 @@ def object_filter(header: fits.Header, path: Path) -> tuple[str, str]:
 def read_mask(path: Path, shape) -> np.ndarray | None:
     if not path.exists():
         return None
-    data, _ = read_image(path, dtype=np.float64)
+    header = read_header(path)
+    if int(header.get("BITPIX", 16)) < 0:          # a float mask: non-finite counts as masked
+        data, _ = read_image(path, dtype=np.float32)
+        data = np.where(np.isfinite(data), data, 1)
+    else:
+        data, _ = read_image(path, dtype=np.int32)
     if data.shape != tuple(shape):
         raise BadInputError(path, f"mask shape {data.shape} differs from the image's {tuple(shape)}")
-    return np.where(np.isfinite(data), data, 1).astype(np.int64).clip(0, 65535).astype(np.uint16)
+    return np.clip(data, 0, 65535).astype(np.uint16)
 
 
 def read_with_noise(path: Path, require_weight: bool) -> Inputs:

@@ -19,6 +19,7 @@ service does that.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,7 +210,7 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
     header : astropy.io.fits.Header
         Its primary header.
     data : 2-D array
-        Its pixels (image units), for the empirical aperture noise.
+        Its pixels (image units), for the PSF of the reference stars and the noise correlation.
     mask : 2-D uint16 array or None
         Its MaskBit mask (non-zero = bad); handed to Source Extractor as a flag image.
     weight_path : Path or None
@@ -223,10 +224,8 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
     params : PhotParams
         Settings.
     timings : dict, optional
-        Filled with the seconds spent in each step (pre-run, seeing, main run, zero points...).
+        Filled with the seconds spent in each step (seeing, main run, zero points...).
     """
-    import time
-
     clock = [time.perf_counter()]
 
     def lap(name: str) -> None:
@@ -237,6 +236,7 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
 
     p = params or PhotParams()
     info = ImageInfo.from_header(header, image_path, p.default_saturation)
+    image_name = Path(image_path).name
     workdir.mkdir(parents=True, exist_ok=True)
     finite = np.isfinite(data)
     if mask is None:  # Source Extractor needs a flag image for IMAFLAGS_ISO: non-finite pixels
@@ -358,7 +358,7 @@ def photometer(image_path: Path, header: fits.Header, data: np.ndarray, mask: np
     meta = {"obs": header.get("TELESCOP", ""), "object": info.obj, "filter": info.filt,
             "date-obs": t_jd.isot, "jd": round(float(t_jd.jd), 6), "mjd": round(float(t_jd.mjd), 6),
             "exptime": float(header.get("EXPTIME", 0.0) or 0.0),
-            "seeing": round(see.seeing_arcsec, 3), "refcat": p.refcat_name, "image": Path(image_path).name,
+            "seeing": round(see.seeing_arcsec, 3), "refcat": p.refcat_name, "image": image_name,
             "zp": {s: round(z.zp, 4) for s, z in zps.items()}, "zp_total": round(total.zp, 4),
             "ezp": {s: round(z.ezp, 4) for s, z in zps.items()},
             "zpscatter": {s: round(z.scatter, 4) for s, z in zps.items()}}

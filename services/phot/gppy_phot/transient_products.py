@@ -203,11 +203,10 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
     x = np.asarray(det["X_IMAGE"], float) - 1.0
     y = np.asarray(det["Y_IMAGE"], float) - 1.0
     sign = np.asarray(det["sign"], int)
-    signed_diff = diff  # forced measurements below work on sign x D
     sig_img = np.where(bad, np.nan, noise)
     r1 = aps.diameters["APER_1"] / 2.0
 
-    psf_pos = transients.forced_psf(signed_diff, sig_img, x, y, info.peeing, bad, info.beta)
+    psf_pos = transients.forced_psf(diff, sig_img, x, y, info.peeing, bad, info.beta)
     snr_psf = psf_pos.snr * sign
     fd = transients.forced_aperture(diff, x, y, r1, sigma=sig_img, bad=bad)
     fs = (transients.forced_aperture(science, x, y, r1, sigma=sci_sigma, bad=bad, gain=sci_gain)
@@ -231,10 +230,9 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
         ref_min = transients.min_significance(conv, conv_sig, x, y, info.seeing / info.pixscale)
     else:
         ref_min = np.zeros(n)
-    local_sig = np.where(np.isfinite(sig_img[np.clip(np.rint(y).astype(int), 0, ny - 1),
-                                             np.clip(np.rint(x).astype(int), 0, nx - 1)]),
-                         sig_img[np.clip(np.rint(y).astype(int), 0, ny - 1), np.clip(np.rint(x).astype(int), 0, nx - 1)],
-                         np.nan) if n else np.zeros(0)
+    iy = np.clip(np.rint(y).astype(int), 0, ny - 1)
+    ix = np.clip(np.rint(x).astype(int), 0, nx - 1)
+    local_sig = sig_img[iy, ix].astype(float)   # NaN where masked
     conc = np.asarray(det["MAG_APER_3"], float) - np.asarray(det["MAG_APER_5"], float) if n else np.zeros(0)
     conc_err = np.hypot(np.asarray(det["MAGERR_APER_3"], float), np.asarray(det["MAGERR_APER_5"], float)) \
         if n else np.zeros(0)

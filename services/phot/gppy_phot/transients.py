@@ -351,7 +351,7 @@ def moving_objects(ra: np.ndarray, dec: np.ndarray, singles: list[SingleDetectio
     longer than ``min_motion_arcsec`` and than 6 sigma of its own error over the visit (a
     position error of SEEING / (S/N) per axis and frame, conservative for isophotal centroids),
     the positions lie on the line (rms < 0.5 arcsec) and the line passes through the detection
-    (the stack shows the mean position).
+    at the mean time (within max(0.5 arcsec, 3 sigma): the stack shows the mean position).
 
     Returns
     -------
@@ -404,7 +404,9 @@ def moving_objects(ra: np.ndarray, dec: np.ndarray, singles: list[SingleDetectio
         v = np.hypot(coef_e[1], coef_n[1])
         # error of the path length: sigma_pos x span / sqrt(sum (t - mean t)^2) per axis
         sig_path = float(np.median(p[:, 3])) * (t.max() - t.min()) / np.sqrt(((t - t.mean()) ** 2).sum())
-        if v * span >= max(min_motion_arcsec, 6 * sig_path) and np.sqrt(np.mean(resid**2)) < 0.5 and np.hypot(coef_e[0], coef_n[0]) < 1.5:
+        sig_pos = float(np.median(p[:, 3]))
+        through = np.hypot(coef_e[0], coef_n[0]) < max(0.5, 3 * sig_pos)
+        if v * span >= max(min_motion_arcsec, 6 * sig_path) and np.sqrt(np.mean(resid**2)) < 0.5 and through:
             moving[i] = True
             rate[i] = v
             pa[i] = np.rad2deg(np.arctan2(coef_e[1], coef_n[1])) % 360.0

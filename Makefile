@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := source-extractor scamp missfits swarp wcstools
+APT_PACKAGES := source-extractor scamp missfits swarp wcstools chromium
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system-deps test-deps venv demo test lint bench clean
@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 setup: system-deps $(STAMP)
 
 system-deps:
-	@missing=""; for b in source-extractor scamp missfits SWarp imhead; do command -v $$b >/dev/null || missing=1; done; \
+	@missing=""; for b in source-extractor scamp missfits SWarp imhead chromium; do command -v $$b >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq $(APT_PACKAGES) python3-venv >/dev/null; \
 	fi

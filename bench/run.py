@@ -169,6 +169,12 @@ def machine() -> dict:
                                 text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         commit = "?"
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.splitlines()
+        commit += f" ({len(dirty)} tracked file(s) modified in the working tree)" if dirty else " (clean)"
+    except (OSError, subprocess.TimeoutExpired):
+        pass
     aff = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu, "cores": os.cpu_count(), "cores_usable": aff, "ram": ram,
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(), "modules": mods,

@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     api_token: str | None = None
     api_token_file: Path | None = None
     log_json: bool = True
+    #: A data root with less free space than this (MB) counts as full: services stop taking
+    #: messages and hold the one they are on until space is back (0 disables the check).
+    min_free_mb: float = 100.0
     gpu: Literal["auto", "on", "off"] = "auto"
 
     # calibration

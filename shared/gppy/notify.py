@@ -61,7 +61,8 @@ class SlackNotifier:
     base_url : str or None
         Slack Web API base URL; ``None`` for Slack itself.
     max_tries : int
-        Attempts per message before it is dropped.
+        Attempts per message before it is dropped (the default rides out about 12 minutes
+        without Slack).
     backoff_s, max_backoff_s : float
         First retry delay and its ceiling, in seconds (doubling each try).
     timeout_s : int
@@ -71,7 +72,7 @@ class SlackNotifier:
     """
 
     def __init__(self, token: str | None, channel: str = "#pipeline", base_url: str | None = None, *,
-                 max_tries: int = 5, backoff_s: float = 2.0, max_backoff_s: float = 120.0,
+                 max_tries: int = 12, backoff_s: float = 2.0, max_backoff_s: float = 120.0,
                  timeout_s: int = 10, queue_size: int = 500):
         self.channel = channel
         self.enabled = bool(token)

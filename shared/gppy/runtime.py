@@ -5,7 +5,10 @@ A stage subclasses :class:`StageService`, names the event kinds it consumes, and
 stage's durable consumers, pulls one message per free slot (ToO lane first), validates it,
 sends in-progress heartbeats while the handler runs, publishes the resulting events, and acks
 only then. Failures are retried up to ``max_deliver`` times and then dead-lettered and
-reported; a bad input (:class:`PermanentError`) is reported at once. SIGTERM stops pulling and
+reported; a bad input (:class:`PermanentError`) is reported at once. A full data volume
+(ENOSPC, or a write root below ``settings.min_free_mb``) is nobody's fault: the service takes
+no new message and handles the current one again once space is back, without counting an
+attempt (:meth:`StageService.on_disk_full` reports the episode). SIGTERM stops pulling and
 lets in-flight work finish (or be released for redelivery). Every service also serves
 ``/healthz``, ``/readyz``, ``/metrics`` and ``/status`` over HTTP.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import errno
 import json
 import logging
 import os
@@ -23,6 +27,7 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import ClassVar
 
 import uvicorn
@@ -43,6 +48,31 @@ run_var: contextvars.ContextVar[int] = contextvars.ContextVar("run", default=0)
 
 class PermanentError(Exception):
     """A failure that retrying cannot fix (bad input, no solution): reported, not retried."""
+
+
+#: Errors that mean "the disk is full", wherever they occur in an exception chain.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(exc: BaseException | None) -> bool:
+    """True when ``exc`` (or its cause/context) is an ``OSError`` ENOSPC/EDQUOT."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def free_mb(path: str | os.PathLike) -> float:
+    """Free space (MB, for unprivileged users) of the file system holding ``path`` (or its
+    nearest existing parent)."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    st = os.statvfs(p)
+    return st.f_bavail * st.f_frsize / 1e6
 
 
 #: Entries of the services bucket expire this long after a replica's last heartbeat (s).
@@ -97,7 +127,8 @@ class StageService:
         self.m_gpu = Gauge("gppy_gpu_memory_used_bytes", "GPU memory held by the CuPy pool (GPU services only)",
                            ["stage"], registry=self.registry)
         self.last_error: str = ""
-        self.counts = {"ok": 0, "failed": 0, "retried": 0, "dead_lettered": 0}
+        self.counts = {"ok": 0, "failed": 0, "retried": 0, "dead_lettered": 0, "held_for_space": 0}
+        self._full_since: float | None = None
         self.replica = replica_id()
 
     # ---------------------------------------------------------------- for subclasses
@@ -109,6 +140,17 @@ class StageService:
 
     def extra_routes(self, app: FastAPI) -> None:
         """Add service-specific HTTP routes (the watcher's API)."""
+
+    async def on_disk_full(self, root: str, free: float, full: bool, waited_s: float = 0.0) -> None:
+        """Called once when a data root becomes full (``full``) and once when space is back.
+
+        The default logs; the watcher also tells Slack.
+        """
+        if full:
+            log.error("no space left: %s has %.0f MB free (< %.0f MB); not taking messages, holding the "
+                      "current ones until space is freed", root, free, self.settings.min_free_mb)
+        else:
+            log.warning("space available again on %s (%.0f MB free) after %.0f s: resuming", root, free, waited_s)
 
     # ---------------------------------------------------------------- helpers
     async def publish(self, event: Event) -> None:
@@ -131,6 +173,63 @@ class StageService:
             yield
         finally:
             self.m_step.labels(self.name, name).observe(time.perf_counter() - t0)
+
+    # ---------------------------------------------------------------- disk space
+    def write_roots(self) -> list[Path]:
+        """The data roots this service writes into (products, scratch, masters, logs)."""
+        p = self.paths
+        return [Path(r) for r in (p.path_processed, p.path_scratch, p.path_mframe, p.path_log) if r]
+
+    def full_root(self) -> tuple[str, float] | None:
+        """``(root, free MB)`` of a write root below ``settings.min_free_mb``, else None."""
+        if self.settings.min_free_mb <= 0:
+            return None
+        for root in self.write_roots():
+            with contextlib.suppress(OSError):
+                free = free_mb(root)
+                if free < self.settings.min_free_mb:
+                    return str(root), free
+        return None
+
+    async def wait_for_space(self) -> bool:
+        """Return at once when no data root is full; otherwise wait until space is back (or the
+        service stops), reporting the episode once. True when it had to wait."""
+        full = self.full_root()
+        if full is None:
+            return False
+        if self._full_since is None:
+            self._full_since = time.time()
+            await self.on_disk_full(full[0], full[1], True)
+        while full is not None and not self._stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=2.0)
+            full = self.full_root()
+        if full is None and self._full_since is not None:
+            waited, self._full_since = time.time() - self._full_since, None
+            root = self.write_roots()[0]
+            await self.on_disk_full(str(root), free_mb(root), False, waited)
+        return True
+
+    async def _handle_with_space(self, event: Event) -> list[Event]:
+        """``handle(event)``; when the disk was full (ENOSPC, or a data root full at the end),
+        its outcome is not trusted: wait for space and handle it again, without counting an
+        attempt (a full disk is not the message's fault, and must not lose it)."""
+        while True:
+            try:
+                outputs = await self.handle(event)
+            except Exception as exc:
+                if not (disk_full_error(exc) or self.full_root()):
+                    raise
+                log.warning("handling failed while the disk was full (%s: %s); will handle it again once "
+                            "space is back", exc.__class__.__name__, str(exc)[:300])
+            else:
+                if self.full_root() is None:
+                    return outputs
+                log.warning("a data root filled up while handling; outcome discarded, will handle it again")
+            self.counts["held_for_space"] += 1
+            await self.wait_for_space()
+            if self._stopping.is_set():
+                raise asyncio.CancelledError
 
     # ---------------------------------------------------------------- lifecycle
     async def connect(self) -> None:
@@ -166,6 +265,9 @@ class StageService:
             if self._stopping.is_set():
                 sem.release()
                 break
+            if await self.wait_for_space():  # a full disk: take nothing until it has room again
+                sem.release()
+                continue
             try:
                 msg = await self._fetch_one()
             except Exception as exc:  # connection trouble: back off and retry
@@ -206,7 +308,7 @@ class StageService:
         self.m_inflight.labels(self.name).inc()
         t0 = time.perf_counter()
         try:
-            outputs = await self.handle(event)
+            outputs = await self._handle_with_space(event)
             for out in outputs or []:
                 await self.publish(out)
             await msg.ack_sync()

@@ -133,6 +133,18 @@ class WatcherService(StageService):
         log.info("watching %s under %s (quiet period %.1f s, poll %.1f s)", ", ".join(self.settings.units),
                  self.paths.path_obsdata, self.settings.quiet_period_s, self.settings.poll_interval_s)
 
+    async def on_disk_full(self, root: str, free: float, full: bool, waited_s: float = 0.0) -> None:
+        """A data root is full (or has room again): logged, and told on Slack once each."""
+        await super().on_disk_full(root, free, full, waited_s)
+        if self.notifier is None:
+            return
+        if full:
+            self.notifier.post(f"{TAG} data volume full: {root} has {free:.0f} MB free; the pipeline holds its "
+                               f"work until space is freed (nothing is dropped)")
+        else:
+            self.notifier.post(f"{TAG} space available again on {root} after {waited_s / 60:.1f} min: "
+                               f"processing resumed")
+
     async def background_stop(self) -> None:
         if self.scanner is not None:
             self.scanner.stop()

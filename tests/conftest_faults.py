@@ -255,7 +255,7 @@ class Pipeline:
         fault = Fault("sigkill", stage, t0, time.time(), note)
         if stage == "watcher":  # it publishes little: recovered when its replacement is ready
             self.wait_ready(stage)
-            fault.recovered_s = round(time.time() - t0, 2)
+            fault.recovered_s = round(time.time() - fault.end, 2)
         self.faults.append(fault)
         return fault
 
@@ -312,6 +312,17 @@ class Pipeline:
                     break
             time.sleep(0.05)
         return {s: len(d) for s, d in todo.items() if d}
+
+    def slack_down(self) -> Fault:
+        """Slack's Web API stops answering (connection refused) until :meth:`slack_up`."""
+        self.slack.down()
+        fault = Fault("slack-unreachable", "slack", time.time(), 0.0)
+        self.faults.append(fault)
+        return fault
+
+    def slack_up(self, fault: Fault) -> None:
+        self.slack.up()
+        fault.end = time.time()
 
     def restart_nats(self, down_s: float = 3.0) -> Fault:
         """Stop the NATS server (SIGKILL, no clean shutdown), keep it down, start it again."""
@@ -384,6 +395,55 @@ async def stream_events(settings) -> list[tuple[float, str, dict]]:
     return out
 
 
+# ------------------------------------------------------------------------ a small volume
+class SmallVolume:
+    """A small tmpfs mounted for the processed tree and scratch; :meth:`fill` makes it full.
+
+    Needs root (mount); the tests run as root in this environment.
+    """
+
+    def __init__(self, where: Path, size_mb: int):
+        self.where = where
+        self.size_mb = size_mb
+        self.ballast = where / ".ballast"
+        self.mounted = False
+
+    def mount(self) -> SmallVolume:
+        self.where.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size_mb}m,mode=0755", "tmpfs", str(self.where)],
+                       check=True, capture_output=True, text=True)
+        self.mounted = True
+        return self
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.where)
+        return st.f_bavail * st.f_frsize
+
+    def fill(self, leave: int = 0) -> int:
+        """Write a ballast file until the volume is full (``leave`` bytes free); returns its size."""
+        chunk = b"\0" * (1 << 20)
+        written = 0
+        with open(self.ballast, "ab") as fh:
+            while self.free_bytes() - leave > 0:
+                n = min(len(chunk), self.free_bytes() - leave)
+                try:
+                    fh.write(chunk[:n])
+                    fh.flush()
+                except OSError:
+                    break
+                written += n
+        return written
+
+    def free(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.ballast.unlink()
+
+    def unmount(self) -> None:
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.where)], check=False, capture_output=True)
+            self.mounted = False
+
+
 # ------------------------------------------------------------------------ the audit
 @dataclass
 class Audit:
@@ -408,6 +468,7 @@ class Audit:
     slack_start: int = 0
     slack_done: int = 0
     slack_failures: list[str] = field(default_factory=list)
+    slack_disk: list[str] = field(default_factory=list)
     raw_changed: list[str] = field(default_factory=list)
     astrometry_worst_arcsec: float = 0.0
     zp_worst_mag: float = 0.0
@@ -524,6 +585,8 @@ def audit(scenario: str, night: Night, pipe: Pipeline, rec: dict, raw_before: di
     a.slack_start = sum("Start processing" in t for t in texts)
     a.slack_done = sum(("Processing complete" in t) or ("FAILED" in t) for t in texts)
     a.slack_failures = [t for t in texts if " failed on " in t]
+    a.slack_disk = [m["text"] for m in pipe.slack.messages if "data volume full" in m["text"]
+                    or "space available again" in m["text"]]
     # raw tree untouched
     after = tree_checksums(night.night_dir)
     a.raw_changed = sorted(k for k in set(raw_before) | set(after) if raw_before.get(k) != after.get(k))
@@ -534,17 +597,18 @@ def audit(scenario: str, night: Night, pipe: Pipeline, rec: dict, raw_before: di
         a.astrometry_worst_arcsec = max((max(r["rms_ra"], r["rms_dec"]) for r in ast), default=float("nan"))
         a.zp_worst_mag = max((abs(r["error"]) for r in zps), default=float("nan"))
     a.duration_s = (rec.get("finished_at") or time.time()) - (rec.get("queued_at") or pipe.t_start)
-    # time to recover: from the end of each fault to the next event of the stage it hit
+    # time to recover: from the end of each fault (worker restarted, broker or stack back, space
+    # freed, Slack back) to the next event of the part it hit (the next Slack delivery)
     stamps = sorted((t, STAGE_OF_KIND.get(b.get("kind", ""), b.get("stage", ""))) for t, _, b in events if t)
     for f in pipe.faults:
         if f.recovered_s is not None:
             continue
         target = f.target
-        nxt = [t for t, st in stamps if t > f.end and (target in ("nats", "all", "volume", "slack") or st == target)]
-        if target == "watcher":
-            nxt = [t for t, s in stamps if t > f.end and s == "watcher"] or nxt
+        nxt = [t for t, st in stamps if t > f.end and (target in ("nats", "all", "volume") or st == target)]
+        if target == "slack":
+            nxt = [m["t"] for m in pipe.slack.messages if m["t"] > f.end]
         if nxt:
-            f.recovered_s = round(nxt[0] - f.start, 2)
+            f.recovered_s = round(nxt[0] - f.end, 2)
     a.faults = [asdict(f) for f in pipe.faults]
     with contextlib.suppress(OSError):
         (pipe.workdir / "audit.json").write_text(json.dumps(asdict(a), indent=1, default=str))
@@ -614,5 +678,5 @@ def copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, symlinks=True)
 
 
-__all__ = ["Audit", "Fault", "MessageError", "Night", "Pipeline", "SlackStandIn", "assert_clean", "audit",
+__all__ = ["Audit", "Fault", "MessageError", "Night", "Pipeline", "SlackStandIn", "SmallVolume", "assert_clean", "audit",
            "copy_tree", "kill_tree", "parse", "save_figures", "simulate_night", "tree_checksums"]

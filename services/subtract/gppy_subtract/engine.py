@@ -251,33 +251,47 @@ class _Timer:
         return _Ctx()
 
 
-def _photon_variance(plane: Plane, sky: float, xp, nsigma: float = 2.0):
+def _photon_variance(plane: Plane, sky: float, xp, nsigma: float = 2.0, base=None):
     """Photon noise of the sources, ``(data - sky) / EGAIN`` where the source signal exceeds
-    ``nsigma`` background sigmas, else 0 (units^2).
+    ``nsigma`` background sigmas, else 0 (units^2); added to ``base`` when given.
 
     Counting it only above the noise keeps pure-noise pixels from adding ~0.4 sigma/EGAIN of
-    spurious variance, which ``max(data - sky, 0) / EGAIN`` would.
+    spurious variance, which ``max(data - sky, 0) / EGAIN`` would. Written with in-place
+    operations: it runs on full frames.
     """
+    out = xp.subtract(plane.data, xp.float32(sky), dtype=xp.float32)
     if not plane.egain:
-        return xp.zeros(plane.data.shape, dtype=xp.float32)
-    sig = plane.data - xp.float32(sky)
-    keep = sig * sig > xp.float32(nsigma * nsigma) * plane.var
-    return xp.where(keep & (sig > 0), sig * xp.float32(1.0 / plane.egain), 0).astype(xp.float32)
+        out[...] = 0
+    else:
+        sq = out * out
+        drop = sq <= plane.var * xp.float32(nsigma * nsigma)
+        del sq
+        drop |= out <= 0
+        out *= xp.float32(1.0 / plane.egain)
+        out[drop] = 0
+        del drop
+    if base is not None:
+        out += base
+    return out
 
 
 def _prepare(plane: Plane, xp) -> Plane:
     """The plane with its mask completed (NONFINITE where the data are not finite, EDGE where the
-    weight is 0 without a reason) and the variance 0 wherever the mask is set."""
+    weight is 0 without a reason) and the variance 0 wherever the mask is set (the inputs are
+    not modified; arrays are copied only when something changes)."""
     mask = plane.mask.astype(xp.uint16, copy=True)
-    data = plane.data
+    data = plane.data.astype(xp.float32, copy=False)
     nonfinite = ~xp.isfinite(data)
     if bool(nonfinite.any()):
         mask[nonfinite] |= int(MaskBit.NONFINITE)
         data = xp.where(nonfinite, 0, data).astype(xp.float32)
     del nonfinite
-    mask[(plane.var <= 0) & (mask == 0)] |= int(MaskBit.EDGE)
-    var = xp.where(mask == 0, plane.var, 0).astype(xp.float32)
-    return Plane(data.astype(xp.float32, copy=False), var, mask, plane.egain, plane.saturate)
+    var = plane.var.astype(xp.float32, copy=False)
+    mask[(var <= 0) & (mask == 0)] |= int(MaskBit.EDGE)
+    stray = (mask != 0) & (var != 0)
+    if bool(stray.any()):
+        var = xp.where(stray, 0, var).astype(xp.float32)
+    return Plane(data, var, mask, plane.egain, plane.saturate)
 
 
 def _stamp_data(tgt: Plane, src: Plane, stars: st.Stars, idx, rss: int, r: int, xp) -> StampData:
@@ -412,19 +426,19 @@ def _subtract(science: Plane, reference: Plane, xp, p: EngineParams) -> Subtract
             t = tgt.data[y0:y1, x0:x1]
             diff[y0:y1, x0:x1] = (t - c) if direction == "reference" else (c - t) / sol.flux
     with timer("noise"):
-        var_i = src.var + _photon_variance(src, sky_i, xp) if p.photon_noise else src.var
-        var_t = tgt.var + _photon_variance(tgt, sky_t, xp) if p.photon_noise else tgt.var
+        var_i = _photon_variance(src, sky_i, xp, base=src.var) if p.photon_noise else src.var
         for reg in regions:
             y0, y1, x0, x1 = reg.bounds
             sol = reg.solution
             kc = sol.kernel_at(0.5 * (x0 + x1 - 1), 0.5 * (y0 + y1 - 1)) ** 2
             cv = convolve_tilewise(var_i, reg.bounds, kc / kc.sum(), xp, fft, tile=p.tile,
                                    scale_at=lambda xc, yc, s=sol: float((s.kernel_at(xc, yc) ** 2).sum()))
-            cv += var_t[y0:y1, x0:x1]
+            region_t = Plane(tgt.data[y0:y1, x0:x1], tgt.var[y0:y1, x0:x1], None, tgt.egain)
+            cv += _photon_variance(region_t, sky_t, xp, base=region_t.var) if p.photon_noise else region_t.var
             if direction == "science":
                 cv *= xp.float32(1.0 / sol.flux ** 2)
             var[y0:y1, x0:x1] = cv
-        del var_i, var_t
+        del var_i
     with timer("mask"):
         out = sci_mask.copy()
         out[ref_mask != 0] |= int(MaskBit.REFERENCE)
@@ -435,10 +449,11 @@ def _subtract(science: Plane, reference: Plane, xp, p: EngineParams) -> Subtract
         for sl in ((slice(0, r), slice(None)), (slice(H - r, H), slice(None)), (slice(None), slice(0, r)),
                    (slice(None), slice(W - r, W))):
             out[sl] |= int(MaskBit.EDGE)
-        bad = (out != 0) | ~(var > 0)
-        noise = xp.sqrt(xp.maximum(var, 0)).astype(xp.float32)
+        bad = out != 0
+        bad |= ~(var > 0)
+        var[bad] = 0
+        noise = xp.sqrt(var, out=var)             # in place: the variance is not needed any more
         del var
-        noise[bad] = 0
         diff[bad] = 0
         conv_img[bad] = 0
         ok3 = ~bad[::3, ::3]

@@ -81,13 +81,18 @@ def find_peaks(data, var, sky: float, threshold: float, border: int, xp):
     b = max(int(border), 1)
     if h <= 2 * b or w <= 2 * b:
         return np.zeros(0, int), np.zeros(0, int), np.zeros(0)
-    d = data[b:h - b, b:w - b] - xp.float32(sky)
-    hit = (d > 0) & (d * d > xp.float32(threshold * threshold) * var[b:h - b, b:w - b])
+    d = xp.subtract(data, xp.float32(sky), dtype=xp.float32)
+    hit = d > 0
+    d *= d
+    d *= xp.float32(1.0 / (threshold * threshold))
+    hit &= d > var
     del d
+    hit[:b] = False
+    hit[h - b:] = False
+    hit[:, :b] = False
+    hit[:, w - b:] = False
     iy, ix = xp.nonzero(hit)
     del hit
-    iy = iy + b
-    ix = ix + b
 
     def snr_at(yy, xx):
         v = var[yy, xx]

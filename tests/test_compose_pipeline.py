@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -351,7 +353,19 @@ def test_night_then_scale_swap_and_restart(pipeline):
     wait_for(lambda: consumer(stack, "subtract-survey").num_ack_pending >= 1, 180,
              "a subtract replica holding a message", interval=0.3)
     old = set(stack.container_ids("subtract"))
+    # Follow the old containers' logs to the end: how many messages each held at SIGTERM.
+    followers = [subprocess.Popen(["docker", "logs", "-f", cid], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for cid in old]
+    held_at_swap = consumer(stack, "subtract-survey").num_ack_pending
     stack.up("subtract", scale={"subtract": 2}, no_deps=True, env=swap_env)
+    in_flight = []
+    for f in followers:
+        out, _ = f.communicate(timeout=120)
+        stops = re.findall(r"stopping: no new messages; (\d+) in flight", out)
+        assert stops, f"an old subtract container did not stop gracefully:\n{out[-2000:]}"
+        in_flight.append(int(stops[-1]))  # (a container restarted by `up` also logged its earlier stop)
+    print(f"subtract swap: {held_at_swap} message(s) held just before; the old containers had {in_flight} "
+          "in flight at SIGTERM")
     stack.env_extra.update(GPPY_SUBTRACT_TAG=SWAP_TAG)
     new = set(stack.container_ids("subtract"))
     assert len(new) == 2 and not (new & old), "the subtract containers were not replaced"

@@ -133,6 +133,7 @@ class Settings(BaseSettings):
     # subtraction
     subtract_engine: Literal["native", "hotpants", "auto"] = "native"
     subtract_nregions: tuple[int, int] = (3, 2)
+    subtract_convolve: Literal["auto", "reference", "science"] = "auto"  # which image is convolved
     subtract_singles: bool = False
     # photometry
     match_radius_arcsec: float = 1.0

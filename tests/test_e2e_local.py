@@ -64,7 +64,12 @@ def test_zero_points_against_truth(processed_night):
     rows = truthcheck.zeropoint_errors(Path(paths.path_processed), out / "truth")
     assert len(rows) == prog.planned_frames
     errors = np.array([r["error"] for r in rows])
-    assert np.abs(errors).max() < 0.03, rows
+    quoted = np.array([r["quoted"] for r in rows])
+    # issue P8: within 0.02 mag of the truth; a frame whose own quoted ZP error is larger
+    # (few stars, short exposure) may be off by up to 3 of its sigmas
+    assert np.all(np.abs(errors) < np.maximum(0.02, 3 * quoted)), rows
+    assert np.median(np.abs(errors)) < 0.01, rows
+    assert np.all(np.abs(errors / quoted) < 3.5), rows  # the quoted errors are honest
 
 
 def test_each_visit_stacked_subtracted_and_searched_once(processed_night):

@@ -2,7 +2,7 @@
 
 Astrometry: the solved WCS of each calibrated single evaluated at the true pixel positions
 of unsaturated stars, against their true sky positions (RMS per axis, arcsec). Photometry:
-each frame's ``ZP_AUTO`` against the true zero point (``zp_adu``, AB mag of 1 ADU in the whole
+each frame's ``ZP_TOT`` against the true zero point (``zp_adu``, AB mag of 1 ADU in the whole
 exposure). Transients: injected sources found in the difference-image candidate lists.
 """
 
@@ -65,18 +65,21 @@ def astrometry_residuals(processed: Path, truth: Path, max_mag_snr20: float | No
     return rows
 
 
-def zeropoint_errors(processed: Path, truth: Path) -> list[dict]:
-    """Per photometered single: ZP_AUTO - true zp_adu (mag)."""
+def zeropoint_errors(processed: Path, truth: Path, key: str = "ZP_TOT") -> list[dict]:
+    """Per photometered single: the zero point of the total flux (``ZP_TOT``) minus the true
+    ``zp_adu`` (mag). v1's ``ZP_AUTO`` folds in the light outside the Kron aperture, so it is
+    not the image's zero point; pass ``key="ZP_AUTO"`` to see that difference."""
     rows = []
     for img in _singles(processed):
         hdr = fits.getheader(img)
-        if "ZP_AUTO" not in hdr:
+        if key not in hdr:
             continue
         t = _truth_of(truth, hdr)
         if t is None or "zp_adu" not in t:
             continue
-        rows.append({"image": img.name, "zp": float(hdr["ZP_AUTO"]), "true": float(t["zp_adu"]),
-                     "error": float(hdr["ZP_AUTO"]) - float(t["zp_adu"])})
+        rows.append({"image": img.name, "zp": float(hdr[key]), "true": float(t["zp_adu"]),
+                     "error": float(hdr[key]) - float(t["zp_adu"]),
+                     "quoted": float(hdr.get("E" + key, float("nan")))})
     return rows
 
 
@@ -123,7 +126,7 @@ def compare_with_truth(outdir: Path, paths: PathConfig) -> list[str]:
     zps = zeropoint_errors(processed, truth)
     if zps:
         err = np.array([r["error"] for r in zps])
-        lines.append(f"zero points: {len(zps)} frames, ZP_AUTO - truth: median {np.median(err):+.3f} mag, "
+        lines.append(f"zero points: {len(zps)} frames, ZP_TOT - truth: median {np.median(err):+.3f} mag, "
                      f"max |error| {np.abs(err).max():.3f} mag")
     else:
         lines.append("zero points: no photometered single to compare")

@@ -60,3 +60,28 @@ def test_v1_product_names():
     conv = naming.convolved_reference_name("ref_PS1_T09373_00000000_000000_r_0.fits", "2024-04-23T03:28:04", dirs)
     assert conv.name == "ref_PS1_T09373_20240423_032804_r_0.conv.fits"
     assert str(conv.parent) == "/p/T09373/7DT01/r/transient"
+
+
+def test_atomic_products_are_readable_by_the_group_and_others(tmp_path):
+    import os
+    import stat
+
+    import numpy as np
+
+    from gppy.fitsio import write_fits
+
+    old = os.umask(0o022)
+    try:
+        p = write_fits(tmp_path / "x.fits", np.zeros((2, 2), np.float32))
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(p.stat().st_mode)
+    assert mode & 0o044 == 0o044  # not mkstemp's 0600: other containers/hosts read products
+
+
+def test_secret_from_file(tmp_path):
+    from gppy.config import Settings
+
+    f = tmp_path / "slack"
+    f.write_text("xoxb-test-token\n")
+    assert Settings(slack_token_file=f).secret("slack_token") == "xoxb-test-token"

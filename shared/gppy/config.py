@@ -147,6 +147,7 @@ class Settings(BaseSettings):
     night_patterns: dict[str, str] | None = None  # {"survey"|"too"|"test": regex} overrides
     slack_channel: str = "#pipeline"
     slack_token: str | None = None
+    slack_token_file: Path | None = None
     slack_base_url: str | None = None
     keys_file: Path | None = None
 

@@ -17,6 +17,16 @@ import numpy as np
 from astropy.io import fits
 
 
+def _file_mode() -> int:
+    """Permissions of a new product: 0666 less the process umask (``mkstemp`` gives 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
 class BadInputError(ValueError):
     """An input file that cannot be used; the message names the file and the reason."""
 
@@ -39,6 +49,7 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _FILE_MODE)
         os.replace(tmp_path, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

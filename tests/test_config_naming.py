@@ -83,5 +83,5 @@ def test_secret_from_file(tmp_path):
     from gppy.config import Settings
 
     f = tmp_path / "slack"
-    f.write_text("xoxb-test-token\n")
-    assert Settings(slack_token_file=f).secret("slack_token") == "xoxb-test-token"
+    f.write_text("not-a-real-token\n")
+    assert Settings(slack_token_file=f).secret("slack_token") == "not-a-real-token"

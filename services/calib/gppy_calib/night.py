@@ -20,6 +20,7 @@ Order of work (the whole stage, in one place):
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -469,6 +470,7 @@ class NightCalibrator:
         info = job.info
         raw_img = RawImage(info.path)
         raw_host = raw_img.read()
+        check_signal(info.path, raw_host)
         raw = xp.asarray(raw_host)
         b, be, bh = self.load(job.bias.path)
         d, _, _ = self.load(job.dark.path)
@@ -580,6 +582,23 @@ class NightCalibrator:
         if self.run_id:
             hdr["CALRUNID"] = (self.run_id, "night-ready message that produced this frame")
         return hdr
+
+
+def check_signal(path: str, raw: np.ndarray) -> None:
+    """Refuse a raw frame without image data: no finite pixel, or every pixel the same value.
+
+    Raises
+    ------
+    BadInputError
+        With the reason (such a frame would otherwise give NaN statistics downstream).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices
+        lo, hi = (float(np.nanmin(raw)), float(np.nanmax(raw))) if raw.size else (np.nan, np.nan)
+    if not (np.isfinite(lo) or np.isfinite(hi)):
+        raise BadInputError(path, "no finite pixel value (the frame is all NaN/Inf)")
+    if lo == hi:
+        raise BadInputError(path, f"every pixel has the value {lo:g} ADU: the frame holds no image")
 
 
 def mean_date_mjd(m: Master) -> float:

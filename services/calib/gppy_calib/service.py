@@ -20,7 +20,7 @@ from typing import ClassVar
 from gppy.fitsio import BadInputError, is_complete_fits, read_header
 from gppy.messages import Event, FrameCalibrated, NightPlan, NightReady, PlannedFrame
 from gppy.naming import flag_of, weight_of
-from gppy.runtime import StageService, run_service
+from gppy.runtime import StageService, disk_full_error, run_service
 from gppy.xp import get_xp
 from gppy_calib.night import Job, NightCalibrator, Products
 
@@ -66,15 +66,19 @@ class CalibService(StageService):
                 else:
                     with self.step("reduce"):
                         products = await asyncio.to_thread(cal.reduce, job)
-            except BadInputError as exc:
-                # reported down the chain (astrometry -> phot -> stack) so its visit never waits
-                log.error("frame %s failed: %s", job.info.path, exc.reason)
+            except Exception as exc:
+                if isinstance(exc, OSError) or disk_full_error(exc):
+                    raise  # the machine, not the frame: the runtime retries the night (or waits for space)
+                # reported down the chain (astrometry -> phot -> stack) so its visit never waits;
+                # an unexpected error fails this frame only, not the rest of the night
+                reason = exc.reason if isinstance(exc, BadInputError) else f"{exc.__class__.__name__}: {exc}"
+                log.error("frame %s failed: %s", job.info.path, reason, exc_info=not isinstance(exc, BadInputError))
                 out: Event = FrameCalibrated(
                     night_id=event.night_id, unit=event.unit, lane=event.lane, path=str(job.calib_path),
                     weight_path=str(weight_of(job.calib_path)), mask_path=str(flag_of(job.calib_path)),
                     raw_path=job.info.path, object=job.info.object, filter=job.info.filter,
                     exptime=job.info.exptime, date_obs=job.info.date_obs, visit=job.visit, ok=False,
-                    reason=f"{job.info.path}: {exc.reason}"[:2000])
+                    reason=f"{job.info.path}: {reason}"[:2000])
             else:
                 out = FrameCalibrated(night_id=event.night_id, unit=event.unit, lane=event.lane,
                                       path=str(products.image), weight_path=str(products.weight),

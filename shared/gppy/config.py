@@ -144,6 +144,7 @@ class Settings(BaseSettings):
     process_test_nights: bool = False
     night_max_attempts: int = 3
     night_stall_timeout_s: float = 1800.0
+    night_incomplete_grace_s: float = 600.0  # unchanged this long, incomplete FITS files no longer hold a night
     night_patterns: dict[str, str] | None = None  # {"survey"|"too"|"test": regex} overrides
     slack_channel: str = "#pipeline"
     slack_token: str | None = None

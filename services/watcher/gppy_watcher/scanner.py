@@ -5,7 +5,9 @@ v1 (v1-behaviour.md §2) globbed ``{path_obsdata}/<UNIT>/`` for ``20??-??-??_gai
 folder ready when its total size was equal 5 s apart (bug B19: no per-file check). Here a
 night is ready when its total size and file count have been unchanged for
 ``settings.quiet_period_s`` *and* every FITS file in it has a complete header and data unit
-(:func:`gppy.fitsio.is_complete_fits`): a truncated file means "still copying".
+(:func:`gppy.fitsio.is_complete_fits`): a truncated file means "still copying" -- until the
+folder has been unchanged for ``settings.night_incomplete_grace_s``; then the copy is taken
+to have died and the night is queued (calibration rejects the broken files with the reason).
 
 File-system events (watchfiles: inotify on Linux) wake the scanner as soon as something
 changes; a poll every ``settings.poll_interval_s`` is the fallback for network file systems
@@ -176,6 +178,9 @@ class Scanner:
         self.on_changed = on_changed
         self.patterns = NightPatterns.from_settings(settings)
         self.quiet = float(settings.quiet_period_s)
+        #: Unchanged this long, a night with incomplete FITS files is queued all the same (a copy
+        #: that died leaves a truncated file for ever; calibration rejects it with the reason).
+        self.incomplete_grace = max(self.quiet, float(getattr(settings, "night_incomplete_grace_s", 600.0)))
         self.poll = max(0.05, float(settings.poll_interval_s))
         self.recheck = recheck_interval_s if recheck_interval_s is not None else max(60.0, 30 * self.poll)
         self.use_events = use_events
@@ -312,9 +317,13 @@ class Scanner:
         if now - w.since < self.quiet:
             return False
         bad = await asyncio.to_thread(self.cache.incomplete, fits)
-        if bad:
+        if bad and now - w.since < self.incomplete_grace:
             await self._set_waiting(cand, f"{len(bad)} incomplete FITS file(s), e.g. {bad[0].name}")
             return False
+        if bad:
+            log.warning("%s: %d FITS file(s) still incomplete after %.0f s without change (e.g. %s): queued "
+                        "all the same; calibration rejects them", cand.night_dir, len(bad), now - w.since,
+                        bad[0].name)
         return True
 
     async def _set_waiting(self, cand: Candidate, note: str) -> None:

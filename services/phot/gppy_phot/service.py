@@ -187,6 +187,8 @@ class PhotService(StageService):
         except (BadInputError, PermanentError) as exc:
             log.error("photometry of %s failed: %s", path, exc)
             return [self._done(event, path, kind, ok=False, reason=str(exc)), self.failed(event, str(exc), path)]
+        log.info("%s photometry of %s: ZP_TOT %.3f, SEEING %.2f\", UL5_1 %.2f", kind, Path(path).name,
+                 figures["zp"], figures["seeing"], figures["depth"])
         return [self._done(event, path, kind, **figures)]
 
     def _difference(self, event: DifferenceDone) -> list[Event]:
@@ -200,6 +202,7 @@ class PhotService(StageService):
             log.error("transient search on %s failed: %s", event.path, exc)
             return [self._done(event, event.path, "difference", ok=False, reason=str(exc)),
                     self.failed(event, str(exc), event.path)]
+        log.info("transients on %s: %d candidate(s)", Path(event.path).name, figures["ncandidates"])
         return [self._done(event, event.path, "difference", **figures)]
 
     async def _give_up(self, msg, event: Event, reason: str, delivered: int) -> None:

@@ -79,10 +79,19 @@ class DiffScience:
             obstime = Time(h["DATE-OBS"], format="isot", scale="utc") if "DATE-OBS" in h else None
         except ValueError:
             obstime = None
-        return cls(seeing=seeing, peeing=float(h.get("PEEING", seeing / pixscale)), ellip=float(h.get("ELLIP", 0.05)),
+        peeing = float(h.get("PEEING", seeing / pixscale))
+        beta = float(h["COGBETA"]) if "COGBETA" in h else None
+        # when the science was convolved to the reference, the difference has the reference's PSF
+        if str(h.get("SUBCONV", "")).strip().upper() == "SCIENCE":
+            try:
+                fwhm_ref = float(h["SUBFWHMR"])
+            except (KeyError, TypeError, ValueError):
+                fwhm_ref = float("nan")
+            if np.isfinite(fwhm_ref) and fwhm_ref > peeing:
+                peeing, seeing, beta = fwhm_ref, fwhm_ref * pixscale, None
+        return cls(seeing=seeing, peeing=peeing, ellip=float(h.get("ELLIP", 0.05)),
                    elong=float(h.get("ELONG", 1.05)), pixscale=pixscale, filt=str(h["FILTER"]).strip(), wcs=wcs,
-                   zps=zps, ul5_1=float(h.get("UL5_1", np.nan)), obstime=obstime,
-                   beta=float(h["COGBETA"]) if "COGBETA" in h else None)
+                   zps=zps, ul5_1=float(h.get("UL5_1", np.nan)), obstime=obstime, beta=beta)
 
 
 @dataclass
@@ -134,9 +143,10 @@ def calibrate_table(t: Table, filt: str, zps: dict[str, tuple[float, float]]) ->
 
 def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.ndarray, mask: np.ndarray | None,
            science: np.ndarray | None, sci_sigma: np.ndarray | None, sci_gain: float, conv: np.ndarray | None,
-           ref_footprint: tuple[WCS, tuple[int, int]] | None, star_conc: tuple[float, float] | None,
+           ref_footprint: tuple[WCS, tuple[int, int]] | None,
            singles: list[transients.SingleDetections], workdir: Path, params: PhotParams | None = None,
-           tparams: transients.TransientParams | None = None, rb_model: dict | None = None) -> SearchResult:
+           tparams: transients.TransientParams | None = None, rb_model: dict | None = None,
+           stars: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> SearchResult:
     """Detect, measure and vet the sources of a difference image.
 
     Parameters
@@ -155,12 +165,14 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
         The convolved reference on the same grid (science photometric scale).
     ref_footprint : (WCS, (ny, nx)) or None
         The reference image's WCS and shape, for the footprint flag.
-    star_conc : (median, MAD) or None
-        MAG_APER_3 - MAG_APER_5 of the science's stars.
     singles : list
         Unmatched detections of the visit's single frames (for moving objects).
     workdir : Path
         Scratch folder.
+    stars : (x, y, flux) arrays, optional
+        0-based positions and APER_1 fluxes (science units) of the science image's sources
+        with S/N > 20: the level of the subtraction residuals is measured at the brightest, and
+        the residuals they leave beside them count in the noise of nearby detections.
     """
     p = params or PhotParams()
     tp = tparams or transients.TransientParams()
@@ -170,7 +182,21 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
     bad = np.zeros(diff.shape, bool) if mask is None else (mask != 0)
     bad |= ~np.isfinite(diff) | ~np.isfinite(noise) | (noise <= 0)
     workdir.mkdir(parents=True, exist_ok=True)
-    rms = np.where(bad, BAD_RMS, noise).astype(np.float32)
+    # the noise image checked at random places, at the scale of a PSF and of an aperture: a
+    # convolution correlates the noise and the per-pixel sigma no longer describes it
+    sig_img = np.where(bad, np.nan, noise)
+    r1 = aps.diameters["APER_1"] / 2.0
+    margin = int(np.ceil(3 * info.peeing)) + 2
+    rx_, ry_ = transients.random_positions(bad, 2000, margin)
+    psf_scale = ap_scale = 1.0
+    if tp.calibrate_noise:
+        psf_scale = transients.noise_scale(transients.forced_psf(diff, sig_img, rx_, ry_, info.peeing, bad,
+                                                                 info.beta).snr)
+        fr_rand = transients.forced_aperture(diff, rx_, ry_, r1, sigma=sig_img, bad=bad)
+        ap_scale = transients.noise_scale(fr_rand.flux / fr_rand.err)
+    # Source Extractor detects with the noise at the PSF scale (its threshold is on the image
+    # filtered with the PSF)
+    rms = np.where(bad, BAD_RMS, noise * psf_scale).astype(np.float32)
     rms_path = write_fits(workdir / "rms.fits", rms)
     del rms
     flag_path = sextractor.write_flag_image(bad.astype(np.uint16) if mask is None else (mask | bad.astype(np.uint16)),
@@ -192,26 +218,80 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
         sub = Table({c: np.asarray(t[c]) for c in cols if c in t.colnames})
         sub["sign"] = np.full(len(sub), sign, dtype=np.int8)
         parts.append(sub)
+    # matched-filter peaks that Source Extractor merged into a neighbour's isophote (a
+    # transient beside a star's subtraction residual) join as detections of their own
+    smap = transients.significance_map(diff, sig_img * psf_scale, bad, info.peeing)
+    px, py, psign = transients.peak_detections(smap, 0.8 * tp.snr_min, info.peeing, bad)
+    del smap
+    if len(px):
+        se_xy = [np.column_stack([np.asarray(t["X_IMAGE"], float) - 1, np.asarray(t["Y_IMAGE"], float) - 1])
+                 for t in (pos.table, neg.table) if len(t)]
+        if se_xy:
+            from scipy.spatial import cKDTree
+
+            dist, _ = cKDTree(np.vstack(se_xy)).query(np.column_stack([px, py]), k=1)
+            new = dist > info.peeing
+            px, py, psign = px[new], py[new], psign[new]
+        # only beside stars (where isophotes merge); elsewhere Source Extractor's own
+        # detections, with their shape measurements, stand
+        if stars is not None and len(stars[0]) and len(px):
+            from scipy.spatial import cKDTree
+
+            dstar, _ = cKDTree(np.column_stack([stars[0], stars[1]])).query(np.column_stack([px, py]), k=1)
+            close = dstar < 5 * info.peeing
+            px, py, psign = px[close], py[close], psign[close]
+        else:
+            px = py = np.zeros(0)
+            psign = np.zeros(0, int)
+    if len(px):
+        pra, pdec = info.wcs.all_pix2world(px, py, 0)
+        extra = Table({"NUMBER": np.zeros(len(px), np.int32), "X_IMAGE": px + 1.0, "Y_IMAGE": py + 1.0,
+                       "ALPHA_J2000": pra, "DELTA_J2000": pdec,
+                       "FWHM_IMAGE": np.full(len(px), info.peeing), "ELONGATION": np.full(len(px), info.elong),
+                       "ELLIPTICITY": np.full(len(px), info.ellip), "FLAGS": np.zeros(len(px), np.int32),
+                       "IMAFLAGS_ISO": np.zeros(len(px), np.int32), "BACKGROUND": np.zeros(len(px))})
+        extra["sign"] = psign.astype(np.int8)
+        parts.append(extra)
     if parts:
         from astropy.table import vstack
 
-        det = vstack(parts, metadata_conflicts="silent")
+        det = vstack(parts, metadata_conflicts="silent", join_type="outer")
+        for c in det.colnames:
+            if hasattr(det[c], "mask") and det[c].dtype.kind == "f":
+                det[c] = np.asarray(det[c].filled(np.nan))
+            elif hasattr(det[c], "mask"):
+                det[c] = np.asarray(det[c].filled(0))
     else:
         det = Table({c: np.zeros(0) for c in cols})
         det["sign"] = np.zeros(0, np.int8)
     n = len(det)
+    detector = np.where(np.asarray(det["NUMBER"]) > 0, "sextractor", "peak")
     x = np.asarray(det["X_IMAGE"], float) - 1.0
     y = np.asarray(det["Y_IMAGE"], float) - 1.0
     sign = np.asarray(det["sign"], int)
-    sig_img = np.where(bad, np.nan, noise)
-    r1 = aps.diameters["APER_1"] / 2.0
-
     psf_pos = transients.forced_psf(diff, sig_img, x, y, info.peeing, bad, info.beta)
-    snr_psf = psf_pos.snr * sign
     fd = transients.forced_aperture(diff, x, y, r1, sigma=sig_img, bad=bad)
     fs = (transients.forced_aperture(science, x, y, r1, sigma=sci_sigma, bad=bad, gain=sci_gain)
           if science is not None else None)
     fr = transients.forced_aperture(conv, x, y, r1, bad=bad) if conv is not None else None
+    # the subtraction residual at the science image's stars
+    fd.err = fd.err * ap_scale
+    level = wing = 0.0
+    near = None
+    if stars is not None and len(stars[0]):
+        sx_, sy_, sf_ = stars
+        with np.errstate(invalid="ignore", divide="ignore"):
+            brightest = np.argsort(-sf_)[:400]
+        if conv is not None:
+            level = transients.residual_level(
+                transients.forced_psf(diff, sig_img, sx_[brightest], sy_[brightest], info.peeing, bad, info.beta).flux,
+                transients.forced_aperture(conv, sx_[brightest], sy_[brightest], r1, bad=bad).flux)
+        wing = transients.wing_residual_level(diff, sig_img, bad, sx_[brightest], sy_[brightest], sf_[brightest],
+                                              info.peeing, info.beta, psf_scale)
+        near = transients.nearby_flux(x, y, sx_, sy_, sf_, info.peeing, info.beta)
+    snr_stat = psf_pos.snr / psf_scale * sign
+    snr_psf = transients.effective_snr(psf_pos.flux * sign, psf_pos.err * psf_scale,
+                                       fr.flux if fr is not None else None, level, near, wing)
     with np.errstate(invalid="ignore", divide="ignore"):
         zsig = diff / sig_img
     dipole = transients.box_fraction(zsig, x, y, int(np.ceil(info.peeing)), 1.0, sign) if n else np.zeros(0)
@@ -233,21 +313,40 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
     iy = np.clip(np.rint(y).astype(int), 0, ny - 1)
     ix = np.clip(np.rint(x).astype(int), 0, nx - 1)
     local_sig = sig_img[iy, ix].astype(float)   # NaN where masked
-    conc = np.asarray(det["MAG_APER_3"], float) - np.asarray(det["MAG_APER_5"], float) if n else np.zeros(0)
-    conc_err = np.hypot(np.asarray(det["MAGERR_APER_3"], float), np.asarray(det["MAGERR_APER_5"], float)) \
-        if n else np.zeros(0)
+    # concentration (v1 flag 9: the 3" and 10" apertures) of each detection on D, against the
+    # stars of the image with D's PSF: the (convolved) reference, or else the science
+    r3, r5 = aps.diameters["APER_3"] / 2, aps.diameters["APER_5"] / 2
+    conc, conc_err = transients.concentration(diff, x, y, r3, r5, sigma=sig_img, bad=bad, sign=sign)
+    conc_err = conc_err * ap_scale
+    star_conc = None
+    psf_image = conv if conv is not None else science
+    if psf_image is not None and stars is not None and len(stars[0]) >= 5:
+        order = np.argsort(-stars[2])[:400]
+        cs, _ = transients.concentration(psf_image, stars[0][order], stars[1][order], r3, r5, bad=bad)
+        cs = cs[np.isfinite(cs)]
+        if len(cs) >= 5:
+            med = float(np.median(cs))
+            star_conc = (med, float(np.median(np.abs(cs - med))))
     meas = {"x": x, "y": y, "sign": sign, "snr_psf": snr_psf, "ELLIPTICITY": np.asarray(det["ELLIPTICITY"], float),
             "FWHM_IMAGE": np.asarray(det["FWHM_IMAGE"], float), "FLAGS": np.asarray(det["FLAGS"]),
             "BACKGROUND": np.asarray(det["BACKGROUND"], float), "sigma_local": local_sig, "conc": conc,
             "conc_err": conc_err, "dipole_frac": dipole, "masked": masked, "in_footprint": in_fp,
             "ref_min_sig": ref_min}
+    # the 10" aperture of a detection beside a star holds the star's residual: no
+    # concentration test there
+    if stars is not None and len(stars[0]) and n:
+        from scipy.spatial import cKDTree
+
+        dnear, _ = cKDTree(np.column_stack([stars[0], stars[1]])).query(np.column_stack([x, y]), k=1)
+        conc = np.where(dnear > r5 + info.peeing, conc, np.nan)
+    meas["conc"] = conc
     flags = transients.vetting_flags(meas, seeing_arcsec=info.seeing, peeing_px=info.peeing, ellip=info.ellip,
                                      pixscale=info.pixscale, nx=nx, ny=ny, params=tp,
                                      conc_star=star_conc[0] if star_conc else None,
                                      conc_mad=star_conc[1] if star_conc else None)
     ncore = float(np.pi * (1.5 * info.peeing) ** 2)
     feats = realbogus.features(meas["FWHM_IMAGE"], info.peeing, np.asarray(det["ELONGATION"], float), info.elong,
-                               dipole, psf_pos.chi2, ncore, snr_psf, psf_pos.sharpness * sign)
+                               dipole, psf_pos.chi2 / psf_scale**2, ncore, snr_stat, psf_pos.sharpness * sign)
     rb = realbogus.score(feats, rb_model) if n else np.zeros(0)
     zp1, ezp1 = info.zps.get("APER_1", (np.nan, 0.0))
     flux_diff_ujy = fd.flux * sign * zeropoint.ujy_per_adu(zp1) if n else np.zeros(0)
@@ -264,11 +363,13 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
     for c in ("NUMBER", "X_IMAGE", "Y_IMAGE", "ALPHA_J2000", "DELTA_J2000"):
         out[c] = det[c] if n else np.zeros(0)
     out["sign"] = sign.astype(np.int8)
+    out["detector"] = detector
     out["label"] = transients.labels(sign, (fr.flux / fr.err) if fr is not None else np.zeros(n), moving) \
         if n else np.zeros(0, "<U11")
     out["candidate"] = cand
     out["rb"] = rb
     out["snr_psf"] = snr_psf
+    out["snr_stat"] = snr_stat
     for tag, fm in (("DIFF", fd), ("SCI", fs), ("REF", fr)):
         if fm is None:
             continue
@@ -302,6 +403,9 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
     for j, fname in enumerate(realbogus.FEATURES):
         out[f"rb_{fname}"] = feats[:, j] if n else np.zeros(0)
     out.meta.update({"filter": info.filt, "seeing": info.seeing, "snr_min": tp.snr_min, "rb_min": tp.rb_min,
+                     "psf_noise_scale": round(psf_scale, 4), "aperture_noise_scale": round(ap_scale, 4),
+                     "residual_level": round(level, 4), "wing_residual_level": round(wing, 4),
+                     "psf_fwhm_px": round(info.peeing, 3),
                      "detect_significance": tp.detect_significance, "flags": transients.FLAG_DOC,
                      "ncandidates": int(cand.sum())})
     return SearchResult(phot=phot, transients=out, skyval=pos.background, skysig=pos.rms,
@@ -378,26 +482,36 @@ def _singles_of(science_header: fits.Header, dirs: ProductDirs) -> list[transien
     return out
 
 
-def _star_concentration(science: Path, dirs: ProductDirs) -> tuple[float, float] | None:
-    """Median and MAD of MAG_APER_3 - MAG_APER_5 of the science image's stars."""
+def _science_sources(science: Path, dirs: ProductDirs) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """0-based positions and APER_1 fluxes of the science image's unflagged sources with
+    S/N(APER_1) > 20, from its catalogue."""
     cat = dirs.phot / f"{stem(science)}.phot.cat"
     if not cat.exists():
         return None
     t = Table.read(cat, format="ascii.ecsv")
-    ok = (np.asarray(t["FLAGS"]) == 0) & (np.asarray(t["CLASS_STAR"]) > 0.5)
-    c = np.asarray(t["MAG_APER_3"], float)[ok] - np.asarray(t["MAG_APER_5"], float)[ok]
-    c = c[np.isfinite(c) & (np.abs(c) < 5)]
-    if len(c) < 5:
-        return None
-    med = float(np.median(c))
-    return med, float(np.median(np.abs(c - med)))
+    flux = np.asarray(t["FLUX_APER_1"], float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = flux / np.asarray(t["FLUXERR_APER_1"], float)
+    ok = (np.asarray(t["FLAGS"]) <= 4) & (snr > 20)
+    if "IMAFLAGS_ISO" in t.colnames:
+        ok &= np.asarray(t["IMAFLAGS_ISO"]) == 0
+    return (np.asarray(t["X_IMAGE"], float)[ok] - 1.0, np.asarray(t["Y_IMAGE"], float)[ok] - 1.0, flux[ok])
+
+
+#: At most this many candidates get cutouts (the highest S/N first); a difference with more
+#: is broken, and thousands of PNGs would only fill the disk.
+MAX_CUTOUTS = 200
 
 
 def _write_cutouts(res: SearchResult, diff: np.ndarray, sci: np.ndarray | None, conv: np.ndarray | None,
                    wcs: WCS, pixscale: float, base: str, dirs: ProductDirs) -> int:
     t = res.transients
     n = 0
-    for row in t[np.asarray(t["candidate"], bool)]:
+    cand = t[np.asarray(t["candidate"], bool)]
+    if len(cand) > MAX_CUTOUTS:
+        log.warning("%d candidates: cutouts of the %d with the highest S/N only", len(cand), MAX_CUTOUTS)
+        cand = cand[np.argsort(-np.abs(np.asarray(cand["snr_psf"], float)))[:MAX_CUTOUTS]]
+    for row in cand:
         ra, dec = float(row["ALPHA_J2000"]), float(row["DELTA_J2000"])
         for tag, img in (("sci", sci), ("ref", conv), ("sub", diff)):
             if img is None:
@@ -451,11 +565,11 @@ def difference_products(event, processed: Path, scratch_root: Path, params: Phot
             log.warning("reference WCS unusable (%s): no footprint check", exc)
     dirs = ProductDirs.of(processed, event.object, event.unit, event.filter)
     singles = _singles_of(sci_header, dirs)
-    conc = _star_concentration(Path(event.science_path), dirs)
     scratch_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"diff-{stem(diff_path)[:40]}-", dir=scratch_root) as tmp:
         res = search(diff_path, diff, header, noise, mask, science, sci_sigma, float(sci_header.get("EGAIN", 0.0)),
-                     conv, ref_fp, conc, singles, Path(tmp), params, tparams)
+                     conv, ref_fp, singles, Path(tmp), params, tparams,
+                     stars=_science_sources(Path(event.science_path), dirs))
     base = stem(diff_path)                      # <science stem>.subt
     out_dir = diff_path.parent
     prov = provenance_meta([diff_path, event.science_path, event.conv_path or "", event.reference_path or ""],

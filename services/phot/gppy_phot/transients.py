@@ -37,7 +37,8 @@ FLAG_DOC = {
     "flag_sexflags": "6: Source Extractor FLAGS > 4",
     "flag_seeing": "7: FWHM / SEEING > 3 (1 + 2.5 / S/N) or < 0.5",
     "flag_background": "8: |BACKGROUND| > 2 x the local noise (v1: > 50 counts)",
-    "flag_concentration": "9: (MAG_APER_3 - MAG_APER_5) off the stars' value by > max(10 MAD, 5 sigma)",
+    "flag_concentration": "9: 3\"/10\" concentration off the stars' by > max(10 MAD, 0.25 mag, 5 sigma) "
+                          "(not tested within 10\" + FWHM of a star)",
     "flag_dipole": "10: > 30 % of the pixels within +-PEEING beyond 1 sigma of the opposite sign",
     "flag_masked": "11, 13: a masked, null or zero pixel within max(5 px, PEEING)",
     "flag_footprint": "12: outside the reference image's footprint",
@@ -56,6 +57,9 @@ class TransientParams:
     edge_fraction: float = 0.005
     moving_min_arcsec: float = 1.0
     moving_search_arcsec: float = 8.0
+    #: Check the noise image at random places and rescale it (off only where the noise is known
+    #: exactly and the image is crowded with objects, as in the real/bogus training images).
+    calibrate_noise: bool = True
 
 
 # ----------------------------------------------------------------------- forced measurements
@@ -296,8 +300,8 @@ def vetting_flags(cat: dict[str, np.ndarray], *, seeing_arcsec: float, peeing_px
         f["flag_seeing"] = (rs > 3 * (1 + noise_allow)) | (rs < 0.5)
         f["flag_background"] = np.abs(cat["BACKGROUND"]) > 2 * cat["sigma_local"]
         if conc_star is not None and np.isfinite(conc_star):
-            tol = np.maximum(10 * (conc_mad or 0.0), 5 * np.nan_to_num(cat["conc_err"], nan=np.inf))
-            f["flag_concentration"] = np.abs(cat["conc"] - conc_star) > tol
+            tol = np.maximum(max(10 * (conc_mad or 0.0), 0.25), 5 * np.nan_to_num(cat["conc_err"], nan=np.inf))
+            f["flag_concentration"] = np.nan_to_num(np.abs(cat["conc"] - conc_star), nan=0.0) > tol
         else:
             f["flag_concentration"] = np.zeros(n, bool)
     f["flag_dipole"] = cat["dipole_frac"] > 0.3
@@ -411,3 +415,173 @@ def moving_objects(ra: np.ndarray, dec: np.ndarray, singles: list[SingleDetectio
             rate[i] = v
             pa[i] = np.rad2deg(np.arctan2(coef_e[1], coef_n[1])) % 360.0
     return moving, rate, pa
+
+
+# ----------------------------------------------------------------------- calibration of the S/N
+def concentration(image: np.ndarray, x: np.ndarray, y: np.ndarray, r_small: float, r_large: float,
+                  sigma: np.ndarray | None = None, bad: np.ndarray | None = None,
+                  sign: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """``-2.5 log10(F(r_small) / F(r_large))`` (v1: MAG_APER_3 - MAG_APER_5, the 3" and 10"
+    apertures) by forced aperture photometry of ``sign x image``, and its error (NaN where a
+    flux is not positive)."""
+    small = forced_aperture(image, x, y, r_small, sigma=sigma, bad=bad)
+    large = forced_aperture(image, x, y, r_large, sigma=sigma, bad=bad)
+    fs, fl = small.flux * sign, large.flux * sign
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ok = (fs > 0) & (fl > 0)
+        c = np.where(ok, -2.5 * np.log10(np.where(ok, fs / fl, 1.0)), np.nan)
+        err = 1.0857 * np.hypot(small.err / fs, large.err / fl)
+    return c, np.where(ok, err, np.nan)
+
+
+def random_positions(bad: np.ndarray, n: int, margin: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``n`` random 0-based positions on good pixels at least ``margin`` px from the border."""
+    ny, nx = bad.shape
+    if nx <= 2 * margin or ny <= 2 * margin:
+        return np.zeros(0), np.zeros(0)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(margin, nx - margin, 3 * n)
+    y = rng.integers(margin, ny - margin, 3 * n)
+    ok = ~np.asarray(bad)[y, x]
+    return x[ok][:n].astype(float), y[ok][:n].astype(float)
+
+
+def noise_scale(values: np.ndarray) -> float:
+    """Robust standard deviation (1.4826 MAD) of S/N values measured at random positions: 1 when
+    the noise image describes the difference's noise at the scale of the measurement; more when
+    it is underestimated (e.g. correlated noise after a convolution), less when overestimated."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    if len(v) < 50:
+        return 1.0
+    s = float(1.4826 * np.median(np.abs(v - np.median(v))))
+    return s if s > 0 else 1.0
+
+
+def residual_level(diff_flux: np.ndarray, ref_flux: np.ndarray) -> float:
+    """Subtraction residual at stars, as a fraction of their reference flux:
+    ``sqrt(median^2 + (1.4826 MAD)^2)`` of ``diff_flux / ref_flux`` (0 with fewer than 10 stars).
+
+    Imperfect PSF matching, flux scaling or registration leaves residuals that grow with the
+    star's flux; this level, measured on the image's own stars, enters the noise of every
+    detection as ``level x reference flux under it`` (:func:`effective_snr`).
+    """
+    d = np.asarray(diff_flux, float)
+    r = np.asarray(ref_flux, float)
+    ok = np.isfinite(d) & np.isfinite(r) & (r > 0)
+    if ok.sum() < 10:
+        return 0.0
+    q = d[ok] / r[ok]
+    med = float(np.median(q))
+    mad = float(1.4826 * np.median(np.abs(q - med)))
+    return float(np.hypot(med, mad))
+
+
+def wing_residual_level(diff: np.ndarray, sigma: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: np.ndarray,
+                        flux: np.ndarray, fwhm_px: float, beta: float | None = None, noise_scale_: float = 1.0) -> float:
+    """Residual lobes beside stars, as a fraction of their flux, at 1.5 FWHM from them.
+
+    A kernel that does not match the PSF's shape everywhere leaves positive and negative lobes
+    beside each star. At 1.5 FWHM from each star, in 8 directions, the PSF-weighted flux of D
+    is measured; per star, the largest lobe less twice its noise (so that noise is not taken
+    for a residual), over the star's flux; the level is the median over the stars (0 with
+    fewer than 10 stars).
+    """
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    f = np.asarray(flux, float)
+    if len(x) < 10:
+        return 0.0
+    ang = np.arange(8) * np.pi / 4
+    r = 1.5 * fwhm_px
+    xs = (x[:, None] + r * np.cos(ang)[None, :]).ravel()
+    ys = (y[:, None] + r * np.sin(ang)[None, :]).ravel()
+    fit = forced_psf(diff, sigma, xs, ys, fwhm_px, bad, beta)
+    excess = np.clip(np.abs(fit.flux) - 2 * fit.err * noise_scale_, 0, None).reshape(len(x), 8)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = np.nanmax(excess, axis=1) / f
+    q = q[np.isfinite(q) & (f > 0)]
+    return float(np.median(q)) if len(q) >= 10 else 0.0
+
+
+def nearby_flux(x: np.ndarray, y: np.ndarray, sx: np.ndarray, sy: np.ndarray, sflux: np.ndarray, fwhm_px: float,
+                beta: float | None = None, r_in_fwhm: float = 0.5, r_out_fwhm: float = 5.0) -> np.ndarray:
+    """Flux of the stars (sx, sy, sflux) around each position, each weighted by its PSF at the
+    distance relative to the PSF at 1.5 FWHM (the wing residual scales with the star's light
+    there); stars closer than ``r_in_fwhm`` (the source itself) or farther than ``r_out_fwhm``
+    FWHM are left out."""
+    from scipy.spatial import cKDTree
+
+    out = np.zeros(len(x))
+    if len(x) == 0 or len(sx) == 0:
+        return out
+    p0 = psf_model(np.array([1.5 * fwhm_px]), np.zeros(1), fwhm_px, beta)[0]
+    tree = cKDTree(np.column_stack([sx, sy]))
+    for i, nb in enumerate(tree.query_ball_point(np.column_stack([x, y]), r_out_fwhm * fwhm_px)):
+        if not nb:
+            continue
+        nb = np.asarray(nb)
+        d = np.hypot(sx[nb] - x[i], sy[nb] - y[i])
+        keep = d >= r_in_fwhm * fwhm_px
+        w = psf_model(d[keep], np.zeros(keep.sum()), fwhm_px, beta) / p0
+        out[i] = float((np.clip(sflux[nb][keep], 0, None) * w).sum())
+    return out
+
+
+def effective_snr(flux: np.ndarray, err: np.ndarray, ref_flux: np.ndarray | None, level: float,
+                  near_flux: np.ndarray | None = None, wing_level: float = 0.0) -> np.ndarray:
+    """``flux / sqrt(err^2 + (level x max(ref_flux, 0))^2 + (wing_level x near_flux)^2)``: the
+    S/N with the subtraction residuals of the reference source under the detection and of the
+    stars beside it counted as noise."""
+    flux = np.asarray(flux, float)
+    var = np.asarray(err, float) ** 2
+    if ref_flux is not None and level > 0:
+        var = var + (level * np.clip(np.nan_to_num(np.asarray(ref_flux, float)), 0, None)) ** 2
+    if near_flux is not None and wing_level > 0:
+        var = var + (wing_level * np.asarray(near_flux, float)) ** 2
+    return flux / np.sqrt(var)
+
+
+# ----------------------------------------------------------------------- matched-filter peaks
+def significance_map(diff: np.ndarray, sigma: np.ndarray, bad: np.ndarray, fwhm_px: float) -> np.ndarray:
+    """S/N of a point source at every pixel (matched filter with a Gaussian of the seeing):
+    ``(D/s^2 * P) / sqrt((1/s^2) * P^2)`` with masked pixels given no weight (float32)."""
+    from scipy.ndimage import gaussian_filter
+
+    sg = fwhm_px / 2.3548200450309493
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w = np.where(bad | ~np.isfinite(sigma) | (sigma <= 0), 0.0, 1.0 / np.where(sigma > 0, sigma, 1.0) ** 2)
+    w = w.astype(np.float32)
+    num = gaussian_filter(np.where(w > 0, diff, 0.0).astype(np.float32) * w, sg, truncate=3.0)
+    den = gaussian_filter(w, sg / np.sqrt(2.0), truncate=3.0) / np.float32(4 * np.pi * sg * sg)
+    del w
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = np.where(den > 0, num / np.sqrt(den), 0.0).astype(np.float32)
+    return s
+
+
+def peak_detections(smap: np.ndarray, threshold: float, fwhm_px: float,
+                    bad: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Local extrema of the significance map beyond ``threshold`` (either sign), at least one
+    FWHM apart, with sub-pixel positions from a parabola through the peak.
+
+    Returns 0-based x, y and the sign (+1 / -1) of each peak.
+    """
+    from scipy.ndimage import maximum_filter
+
+    size = 2 * int(round(fwhm_px)) + 1
+    a = np.abs(smap)
+    peaks = (a >= threshold) & (maximum_filter(a, size=size) == a)
+    if bad is not None:
+        peaks &= ~bad
+    iy, ix = np.nonzero(peaks)
+    ny, nx = smap.shape
+    inner = (ix > 0) & (ix < nx - 1) & (iy > 0) & (iy < ny - 1)
+    iy, ix = iy[inner], ix[inner]
+    c = a[iy, ix]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dxn = (a[iy, ix + 1] - a[iy, ix - 1]) / (2 * (2 * c - a[iy, ix + 1] - a[iy, ix - 1]))
+        dyn = (a[iy + 1, ix] - a[iy - 1, ix]) / (2 * (2 * c - a[iy + 1, ix] - a[iy - 1, ix]))
+    dxn = np.clip(np.nan_to_num(dxn), -0.5, 0.5)
+    dyn = np.clip(np.nan_to_num(dyn), -0.5, 0.5)
+    return ix + dxn, iy + dyn, np.sign(smap[iy, ix]).astype(int)

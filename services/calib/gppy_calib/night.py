@@ -203,6 +203,20 @@ class NightCalibrator:
                     else:
                         rejected[f.path] = f"image shape {f.shape} differs from the night's {main}"
                 frames[kind] = keep
+        # one exposure, one file: a copy under another name (X.fits and X.fit, "X (1).fits") would
+        # give the same product twice and count twice in its visit or master
+        for kind in list(frames):
+            first: dict[tuple, str] = {}
+            keep = []
+            for f in sorted(frames[kind], key=lambda f: f.path):
+                key = (f.date_obs, f.object, f.filter, f.exptime)
+                if key in first:
+                    rejected[f.path] = (f"duplicate of {Path(first[key]).name}: the same exposure (DATE-OBS "
+                                        f"{f.date_obs}, OBJECT, FILTER, EXPTIME) in another file")
+                else:
+                    first[key] = f.path
+                    keep.append(f)
+            frames[kind] = keep
         for kind in frames:
             frames[kind].sort(key=lambda f: (f.mjd, f.path))
         return dict(frames), rejected, skipped

@@ -72,6 +72,7 @@ COPY shared /opt/gppy/src/shared
 COPY deploy/healthcheck.py /usr/local/bin/gppy-healthcheck
 COPY deploy/nats/nats.conf /etc/gppy/nats.conf
 COPY deploy/nats/cluster.conf /etc/gppy/nats-cluster.conf
+COPY deploy/nats/users.conf /etc/gppy/users.conf
 COPY deploy/nats/entrypoint.sh /usr/local/bin/gppy-nats
 RUN set -eu; \
     pip install --no-deps --no-build-isolation --no-compile /opt/gppy/src; \

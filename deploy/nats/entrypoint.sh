@@ -16,6 +16,22 @@ if [ -z "$NATS_PASSWORD" ]; then
   exit 1
 fi
 export NATS_PASSWORD
+# Per-service users (users.conf): NATS_PASSWORD_<SERVICE> from the secret
+# nats_password_<service> next to the shared one; without it the service's user takes the
+# shared password (its subject permissions still apply).
+secrets_dir="$(dirname "$pw_file")"
+for svc in watcher calib astrometry phot stack subtract; do
+  var="NATS_PASSWORD_${svc^^}"
+  if [ -z "${!var:-}" ]; then
+    f="$secrets_dir/nats_password_$svc"
+    if [ -r "$f" ] && [ -s "$f" ]; then
+      printf -v "$var" '%s' "$(tr -d '\r\n' < "$f")"
+    else
+      printf -v "$var" '%s' "$NATS_PASSWORD"
+    fi
+  fi
+  export "${var?}"
+done
 export NATS_USER="${GPPY_NATS_USER:-gppy}"
 export NATS_SERVER_NAME="${NATS_SERVER_NAME:-$(hostname)}"
 export NATS_MAX_FILE_STORE="${NATS_MAX_FILE_STORE:-20GB}"

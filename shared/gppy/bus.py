@@ -46,10 +46,18 @@ async def ensure_stream(js, settings: Settings) -> None:
         max_msg_size=settings.max_message_bytes * 4,
     )
     try:
-        await js.stream_info(settings.stream)
-        await js.update_stream(cfg)
+        have = (await js.stream_info(settings.stream)).config
     except NotFoundError:
         await js.add_stream(cfg)
+        return
+    if (sorted(have.subjects or []) == cfg.subjects and have.max_age == cfg.max_age
+            and have.duplicate_window == cfg.duplicate_window and have.max_msg_size == cfg.max_msg_size):
+        return  # nothing to change (a stage's NATS user may not change the stream: deploy/nats)
+    try:
+        await js.update_stream(cfg)
+    except Exception as exc:  # not allowed for this user, or refused by the server
+        log.warning("stream %s differs from this service's configuration and could not be updated: %s",
+                    settings.stream, exc)
 
 
 async def ensure_consumer(js, settings: Settings, stage: str, lane: str, kinds: list[str]):

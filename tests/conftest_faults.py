@@ -57,6 +57,7 @@ FAULT_ENV = {
     "GPPY_QUIET_PERIOD_S": "2",
     "GPPY_POLL_INTERVAL_S": "1",
     "GPPY_NIGHT_STALL_TIMEOUT_S": "600",
+    "GPPY_NIGHT_INCOMPLETE_GRACE_S": "8",
     "GPPY_LOG_JSON": "true",
     "GPPY_GPU": "off",
     "OMP_NUM_THREADS": "1",
@@ -126,6 +127,68 @@ def tree_checksums(folder: Path) -> dict[str, tuple[str, int, float]]:
     return out
 
 
+# ------------------------------------------------------------------------ NATS with per-service users
+REPO = Path(__file__).resolve().parents[1]
+SERVICES = ["watcher", "calib", "astrometry", "phot", "stack", "subtract"]
+OPERATOR = "gppy"
+
+
+class SecureNats:
+    """nats-server started by ``deploy/nats/entrypoint.sh`` with ``deploy/nats/users.conf``:
+    one user per service with its own password (secret files) and subject permissions, plus
+    the operator user ``gppy``. Only listening address and store differ from the deployment."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.secrets = workdir / "secrets"
+        self.secrets.mkdir(parents=True, exist_ok=True)
+        for name in ["nats_password", *[f"nats_password_{s}" for s in SERVICES]]:
+            f = self.secrets / name
+            if not f.exists():
+                f.write_text(hashlib.sha256(os.urandom(32)).hexdigest()[:32] + "\n")
+                f.chmod(0o600)
+        shutil.copy(REPO / "deploy" / "nats" / "users.conf", workdir / "users.conf")
+
+    def password(self, user: str) -> str:
+        name = "nats_password" if user == OPERATOR else f"nats_password_{user}"
+        return (self.secrets / name).read_text().strip()
+
+    def password_file(self, user: str) -> Path:
+        return self.secrets / ("nats_password" if user == OPERATOR else f"nats_password_{user}")
+
+    def start(self, port: int, store: Path, log=subprocess.DEVNULL) -> subprocess.Popen:
+        conf = self.workdir / "nats-local.conf"
+        conf.write_text(f"listen: 127.0.0.1:{port}\nmax_payload: 1MB\n"
+                        f"jetstream {{ store_dir: {json.dumps(str(store))} }}\ninclude ./users.conf\n")
+        env = {"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+               "GPPY_NATS_CONF": str(conf), "GPPY_NATS_PASSWORD_FILE": str(self.password_file(OPERATOR)),
+               "GPPY_NATS_USER": OPERATOR, "HOME": str(self.workdir)}
+        proc = subprocess.Popen(["bash", str(REPO / "deploy" / "nats" / "entrypoint.sh")], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        wait_for_port(port)
+        return proc
+
+
+class SecureStack(LocalStack):
+    """:class:`LocalStack` whose NATS has per-service users; each service logs in as itself."""
+
+    secure: SecureNats | None = None
+
+    def start_nats(self) -> None:
+        store = self.store_dir or Path(self.config).parent / "nats-store"
+        store.mkdir(parents=True, exist_ok=True)
+        self.procs["nats"] = self.secure.start(self.nats_port, store, self._log("nats"))
+
+    def start_stage(self, stage: str, replica: int = 0) -> subprocess.Popen:
+        base = self.env
+        self.env = {**base, "GPPY_NATS_USER": stage,
+                    "GPPY_NATS_PASSWORD_FILE": str(self.secure.password_file(stage))}
+        try:
+            return super().start_stage(stage, replica)
+        finally:
+            self.env = base
+
+
 # ------------------------------------------------------------------------ processes
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (children, grandchildren...), from /proc."""
@@ -171,16 +234,22 @@ class Fault:
 class Pipeline:
     """The local stack running one night, with fault injection."""
 
-    def __init__(self, night: Night, workdir: Path, slack: SlackStandIn | None = None, env: dict | None = None):
+    def __init__(self, night: Night, workdir: Path, slack: SlackStandIn | None = None, env: dict | None = None,
+                 secure: bool = False):
         self.night = night
         self.slack = slack or SlackStandIn().up()
         self.workdir = workdir
         environment = dict(FAULT_ENV)
         environment.update(GPPY_SLACK_TOKEN=self.slack.token, GPPY_SLACK_BASE_URL=self.slack.base_url)
         environment.update(env or {})
-        self.stack = LocalStack(config=night.config, nats_port=free_port(), http_base=free_port() % 20000 + 30000,
-                                store_dir=workdir / "nats-store", env=environment, log_dir=workdir / "logs")
-        self.settings = load_settings(config=str(night.config), nats_url=self.stack.nats_url)
+        kind = SecureStack if secure else LocalStack
+        self.stack = kind(config=night.config, nats_port=free_port(), http_base=free_port() % 20000 + 30000,
+                          store_dir=workdir / "nats-store", env=environment, log_dir=workdir / "logs")
+        creds = {}
+        if secure:
+            self.stack.secure = SecureNats(workdir)
+            creds = {"nats_user": OPERATOR, "nats_password": self.stack.secure.password(OPERATOR)}
+        self.settings = load_settings(config=str(night.config), nats_url=self.stack.nats_url, **creds)
         self.faults: list[Fault] = []
         self.t_start = 0.0
 
@@ -444,6 +513,24 @@ class SmallVolume:
             self.mounted = False
 
 
+# ------------------------------------------------------------------------ module fixtures
+_FAILED: dict[str, str] = {}
+
+
+def run_once(key: str, build):
+    """``build()`` for a module fixture, but when it failed once, fail the next tests at once
+    (pytest would otherwise run an expensive failing module fixture again for every test)."""
+    import pytest
+
+    if key in _FAILED:
+        pytest.fail(f"the scenario failed earlier: {_FAILED[key]}", pytrace=False)
+    try:
+        return build()
+    except BaseException as exc:
+        _FAILED[key] = f"{exc.__class__.__name__}: {str(exc)[:2000]}"
+        raise
+
+
 # ------------------------------------------------------------------------ the audit
 @dataclass
 class Audit:
@@ -678,5 +765,6 @@ def copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, symlinks=True)
 
 
-__all__ = ["Audit", "Fault", "MessageError", "Night", "Pipeline", "SlackStandIn", "SmallVolume", "assert_clean", "audit",
+__all__ = ["OPERATOR", "SERVICES", "Audit", "Fault", "MessageError", "Night", "Pipeline", "SecureNats",
+           "SecureStack", "SlackStandIn", "SmallVolume", "run_once", "assert_clean", "audit",
            "copy_tree", "kill_tree", "parse", "save_figures", "simulate_night", "tree_checksums"]

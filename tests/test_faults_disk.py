@@ -26,6 +26,7 @@ from conftest_faults import (  # noqa: E402
     SmallVolume,
     assert_clean,
     audit,
+    run_once,
     save_figures,
     simulate_night,
     tree_checksums,
@@ -39,6 +40,10 @@ SLACK_AFTER_S = 10.0  # Slack comes back this long after the volume was freed
 
 @pytest.fixture(scope="module")
 def full_disk_night(tmp_path_factory):
+    return run_once(__name__, lambda: _full_disk_night(tmp_path_factory))
+
+
+def _full_disk_night(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults-disk")
     vol = SmallVolume(root / "vol", size_mb=400).mount()
     try:

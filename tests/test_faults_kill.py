@@ -18,7 +18,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest_faults import Pipeline, assert_clean, audit, save_figures, simulate_night, tree_checksums  # noqa: E402
+from conftest_faults import (  # noqa: E402
+    Pipeline,
+    assert_clean,
+    audit,
+    run_once,
+    save_figures,
+    simulate_night,
+    tree_checksums,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +38,10 @@ DELAYS = {"calib": [5.0, 0.5], "astrometry": [0.5, 1.5], "phot": [0.5, 2.0, 0.2]
 
 @pytest.fixture(scope="module")
 def killed_night(tmp_path_factory):
+    return run_once(__name__, lambda: _killed_night(tmp_path_factory))
+
+
+def _killed_night(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults-kill")
     night = simulate_night(root / "data", seed=5)
     raw_before = tree_checksums(night.night_dir)

@@ -15,13 +15,25 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest_faults import Pipeline, assert_clean, audit, save_figures, simulate_night, tree_checksums  # noqa: E402
+from conftest_faults import (  # noqa: E402
+    Pipeline,
+    assert_clean,
+    audit,
+    run_once,
+    save_figures,
+    simulate_night,
+    tree_checksums,
+)
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def restarted_night(tmp_path_factory):
+    return run_once(__name__, lambda: _restarted_night(tmp_path_factory))
+
+
+def _restarted_night(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults-restart")
     night = simulate_night(root / "data", seed=5)
     raw_before = tree_checksums(night.night_dir)

@@ -85,6 +85,7 @@ def child(args: argparse.Namespace) -> int:
     else:
         result = fn(size, args.repeat, data, opts)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
+    result["measured_at"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")
     Path(args.json).write_text(json.dumps(result, indent=1, default=_jsonable))
     return 0
 
@@ -253,12 +254,15 @@ def report(results: dict, args: argparse.Namespace, mach: dict, started: str, lo
     L: list[str] = []
     L.append("# Benchmark results\n")
     cmd = " ".join(["python -m bench.run", "--size", args.size, "--repeat", str(args.repeat)]
-                   + (["--only", args.only] if args.only else []))
+                   + (["--only", args.only] if args.only else []) + (["--merge"] if args.merge else []))
     L.append(f"Written by `{cmd}` (bench/run.py) on {started} UTC; {total_s / 60:.1f} min in all. "
              f"Frames {size[0]}x{size[1]}, stack grid {gw}x{gh}; every figure is the median of {args.repeat} "
              f"run(s) unless the table says otherwise; ours and the peer alternate in the same invocation. "
              f"Peak memory: RSS of the Python process (exact, kernel high-water mark reset before each run) "
              f"and of the whole process tree including external tools (sampled every 20 ms).\n")
+    if args.merge:
+        L.append("Stages not named by `--only` keep the results of an earlier invocation (merged); each "
+                 "section gives the time its stage finished.\n")
     if not full:
         L.append("**Small size: the targets are for full 9576x6388 frames; pass/fail is shown in brackets "
                  "for information only.**\n")
@@ -329,7 +333,8 @@ def report(results: dict, args: argparse.Namespace, mach: dict, started: str, lo
             L.append(f"- {k}: {json.dumps(v, default=str) if not isinstance(v, str) else v}")
         for n in r.get("notes") or []:
             L.append(f"- {n}")
-        L.append(f"- stage benchmark wall time (incl. data generation/loading): {r.get('wall_s')} s")
+        L.append(f"- stage benchmark wall time (incl. data generation/loading): {r.get('wall_s')} s, "
+                 f"finished {r.get('measured_at', '?')} UTC")
         L.append("")
 
     L.append("## Unit-night throughput (derived from the per-stage medians, not a run of the chain)\n")
@@ -377,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="processes for the parallel photometry run")
     ap.add_argument("--phot-frames", type=int, default=4, help="frames of the parallel photometry run")
     ap.add_argument("--profile", help="write cProfile output of each stage into this folder")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other stages' results from an earlier run (the --out file's .json)")
     ap.add_argument("--generate-only", action="store_true", help="only make (cache) the data, time nothing")
     ap.add_argument("--json", help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -393,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     mach = machine()
     t0 = time.perf_counter()
     results: dict = {}
+    earlier = Path(args.out).with_suffix(".json")
+    if args.merge and earlier.exists():
+        old = json.loads(earlier.read_text())
+        if old["args"]["size"] != args.size:
+            ap.error(f"--merge: {earlier} holds size {old['args']['size']}, not {args.size}")
+        results = {k: v for k, v in old["results"].items() if k not in stages}
     for stage in stages:
         print(f"[bench] {stage} ({args.size}, repeat {args.repeat}), load {os.getloadavg()[0]:.2f} ...", flush=True)
         results[stage] = run_stage(stage, args)
@@ -407,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     if args.generate_only:
         return 1 if any("error" in r for r in results.values()) else 0
+    results = {k: results[k] for k in ORDER if k in results}
     text = report(results, args, mach, started, load_start, os.getloadavg(), time.perf_counter() - t0)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -618,21 +618,23 @@ def run_night(size, repeat, workdir: Path, opts: dict) -> dict:
                     "night.done", "ours")
     per_stage: list[dict] = []
     counts: list[dict] = []
-    for i in range(max(1, min(repeat, int(opts.get("night_repeat", 1))))):
+    for _ in range(max(1, min(repeat, int(opts.get("night_repeat", 1))))):
         # products of an earlier run are removed (the raw night, references and catalogues stay)
         for d in (paths.path_processed, paths.path_mframe, paths.path_scratch, paths.path_log):
             shutil.rmtree(d, ignore_errors=True)
         run_dir = _fresh(workdir / "night-run")
+        # the watcher is told to scan another unit: the night starts once, from the night.ready
+        # published here (it would otherwise also queue the folder itself after its quiet period)
         stack = LocalStack(config=config, nats_port=free_port(), http_base=free_port() % 20000 + 30000,
-                           store_dir=run_dir / "nats", log_dir=run_dir / "logs")
+                           store_dir=run_dir / "nats", log_dir=run_dir / "logs",
+                           env={"GPPY_UNITS": '["7DT99"]'})
         missing = stack.start()
         try:
             if missing:
                 raise RuntimeError(f"stages missing: {missing}")
             stack.wait_healthy(timeout=180)
             settings = load_settings(config=str(config), nats_url=stack.nats_url)
-            ev = NightReady(night_id=naming.night_id("7DT01", night_dir) + f"-b{i}", unit="7DT01",
-                            night_dir=str(night_dir))
+            ev = NightReady(night_id=naming.night_id("7DT01", night_dir), unit="7DT01", night_dir=str(night_dir))
             cpu0 = {n: _cpu_s(p.pid) for n, p in stack.procs.items()}
             run, prog = timed(lambda ev=ev, settings=settings: asyncio.run(
                 follow_night(settings, ev.night_id, publish=ev, timeout=7200, show=False)))

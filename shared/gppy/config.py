@@ -137,6 +137,9 @@ class Settings(BaseSettings):
     subtract_singles: bool = False
     # photometry
     match_radius_arcsec: float = 1.0
+    phot_snr_min: float = 5.0            # PSF S/N of a transient candidate
+    phot_rb_min: float = 0.5             # real/bogus threshold
+    phot_detect_sigma: float = 3.5       # Source Extractor detection significance on differences
     # watcher
     units: list[str] = Field(default_factory=lambda: ["7DT01"])
     quiet_period_s: float = 30.0

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -55,17 +54,14 @@ def phot_params(settings) -> PhotParams:
                       default_saturation=float(getattr(settings, "saturate_adu", 60000.0)))
 
 
-def transient_params() -> TransientParams:
+def transient_params(settings) -> TransientParams:
     """Transient-search settings: ``GPPY_PHOT_SNR_MIN`` (PSF S/N of a candidate, default 5),
     ``GPPY_PHOT_RB_MIN`` (real/bogus threshold, 0.5) and ``GPPY_PHOT_DETECT_SIGMA`` (Source
     Extractor detection significance, 3.5). With Gaussian noise and a 4.6-px PSF, S/N >= 5
     leaves ~35 noise peaks per 10200 x 6800 difference and S/N >= 5.5 about 2, at the price of
     completeness at S/N 5 (~50 % -> ~30 %)."""
-    d = TransientParams()
-    env = os.environ
-    return TransientParams(snr_min=float(env.get("GPPY_PHOT_SNR_MIN", d.snr_min)),
-                           rb_min=float(env.get("GPPY_PHOT_RB_MIN", d.rb_min)),
-                           detect_significance=float(env.get("GPPY_PHOT_DETECT_SIGMA", d.detect_significance)))
+    return TransientParams(snr_min=settings.phot_snr_min, rb_min=settings.phot_rb_min,
+                           detect_significance=settings.phot_detect_sigma)
 
 
 def settings_record(params: PhotParams) -> dict:
@@ -197,7 +193,7 @@ class PhotService(StageService):
         try:
             with self.step("difference_photometry"):
                 figures = difference_products(event, Path(self.paths.path_processed), self.scratch, self.params,
-                                              transient_params())
+                                              transient_params(self.settings))
         except (BadInputError, PermanentError) as exc:
             log.error("transient search on %s failed: %s", event.path, exc)
             return [self._done(event, event.path, "difference", ok=False, reason=str(exc)),

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import threading
 import time
@@ -111,17 +112,28 @@ class Run:
     peak_tree_mb: float
     load_before: float
     load_after: float
+    cpu_s: float = float("nan")
     extra: dict = field(default_factory=dict)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads) and of its waited-for children."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
 def timed(fn: Callable[[], object]) -> tuple[Run, object]:
-    """Run ``fn()`` once; wall time, peak memory and load average around it."""
+    """Run ``fn()`` once; wall time, CPU time (this process and the children it waited for),
+    peak memory and load average around it. On a shared machine the CPU time is the steadier
+    figure: other processes stretch the wall time, not the work done."""
     lb = load1()
     with PeakMemory() as pm:
+        c0 = cpu_seconds()
         t0 = time.perf_counter()
         value = fn()
         dt = time.perf_counter() - t0
-    return Run(dt, round(pm.self_mb, 1), round(pm.tree_mb, 1), round(lb, 2), round(load1(), 2)), value
+        cpu = cpu_seconds() - c0
+    return Run(dt, round(pm.self_mb, 1), round(pm.tree_mb, 1), round(lb, 2), round(load1(), 2), round(cpu, 3)), value
 
 
 @dataclass
@@ -138,12 +150,14 @@ class Series:
 
     def summary(self) -> dict:
         t = [r.seconds for r in self.runs]
+        cpu = [r.cpu_s for r in self.runs if r.cpu_s == r.cpu_s]
         loads = [r.load_before for r in self.runs] + [r.load_after for r in self.runs]
         return {
             "name": self.name, "kind": self.kind, "n": len(t), "note": self.note,
             "median_s": statistics.median(t) if t else None,
             "min_s": min(t) if t else None, "max_s": max(t) if t else None,
             "times_s": [round(x, 3) for x in t],
+            "cpu_median_s": statistics.median(cpu) if cpu else None,
             "peak_self_mb": max((r.peak_self_mb for r in self.runs), default=None),
             "peak_tree_mb": max((r.peak_tree_mb for r in self.runs), default=None),
             "load_min": min(loads) if loads else None, "load_max": max(loads) if loads else None,

@@ -47,6 +47,7 @@ def test_harness_runs_every_stage(smoke):
             assert s["n"] >= 1 and s["median_s"] > 0, (stage, s["name"])
             assert s["peak_tree_mb"] >= s["peak_self_mb"] > 0, (stage, s["name"])
             assert s["load_min"] is not None
+            assert s["cpu_median_s"] is not None and s["cpu_median_s"] >= 0, (stage, s["name"])
         assert r["targets"], stage
     # a peer ran next to ours wherever one exists here (subtraction: only with a HOTPANTS binary)
     for stage in ("calib", "astrometry", "stack", "phot"):

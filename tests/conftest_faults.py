@@ -725,6 +725,7 @@ def save_figures(a: Audit, extra: dict | None = None) -> None:
     if not dest:
         return
     row = a.figures()
+    row["module"] = os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[0]
     row.update(extra or {})
     row["recorded"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     with open(dest, "a") as fh:

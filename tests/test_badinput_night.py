@@ -13,9 +13,11 @@ outside the data roots.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,9 +53,6 @@ def bad_night(tmp_path_factory):
 
 
 def _bad_night(tmp_path_factory):
-    import asyncio
-    import time
-
     root = tmp_path_factory.mktemp("badinput")
     night = simulate_night(root / "data", seed=5, targets=3)
     paths = night.paths()
@@ -68,6 +67,7 @@ def _bad_night(tmp_path_factory):
     ids = [night.night_id, CALIB_ONLY, NO_ARCHIVE]
     try:
         pipe.start()
+        bad_messages = asyncio.run(publish_bad_messages(pipe, night, root))
         deadline = time.monotonic() + 900
         while True:
             recs = {i: asyncio.run(ledger_record(pipe.settings, i)) for i in ids}
@@ -75,22 +75,63 @@ def _bad_night(tmp_path_factory):
                 break
             assert time.monotonic() < deadline, f"nights not finished: {recs}"
             time.sleep(2)
+        no_catalogue = made["missing-catalogue"][0]  # its frames cannot be solved: lost on purpose
+        expect_lost = {f["file"] for f in night.truth["frames"] if f["kind"] == "science"
+                       and f["object"] == no_catalogue}
         result = audit_night("bad-input corpus", night, pipe, recs[night.night_id], main_before,
-                             truth_quality=False)
+                             expect_lost=expect_lost, truth_quality=False)
         events = pipe.events()
         logs = pipe.logs() + "\n".join(p.read_text(errors="replace") for p in Path(paths.path_log).rglob("*.log"))
     finally:
         pipe.close()
     result.bad_inputs = sum(len(v) for v in made.values())
-    save_figures(result, {"scenario": "bad-input corpus (21 cases, 3 nights)", "frames_lost": 0})
+    save_figures(result, {"scenario": f"bad-input corpus ({len(CASES)} cases, 3 nights)"})
     summaries = {i: json.loads(Path(r["summary_path"]).read_text()) for i, r in recs.items()}
     plan = next(b for _, _, b in events if b.get("kind") == "night.plan" and b["night_id"] == night.night_id)
     calib_of = {f["raw_path"]: f["calib_path"] for f in plan["frames"]}
-    after = {str(p) for p in night.root.rglob("*")}
+    after = {str(p) for p in night.root.rglob("*") if not p.is_symlink()}
     return {"night": night, "paths": paths, "made": made, "recs": recs, "summaries": summaries,
             "slack": [m["text"] for m in pipe.slack.messages], "logs": logs, "calib_of": calib_of,
             "raw_before": raw_before, "raw_after": tree_checksums(obsdata), "marker": marker,
-            "new_files": sorted(after - before), "audit": result}
+            "new_files": sorted(after - before), "audit": result, "bad_messages": bad_messages,
+            "dead_letters": [(subj, b) for _, subj, b in events if ".dlq." in subj]}
+
+
+async def publish_bad_messages(pipe, night, root: Path) -> dict:
+    """Bad messages straight onto the bus (as the operator) while the night runs; returns
+    {name: expected dead-letter reason} and whether a replay was de-duplicated."""
+    from gppy import bus
+    from gppy.messages import NightReady
+
+    outside = root / "outside"
+    outside.mkdir()
+    link = Path(night.paths().path_obsdata) / "7DT01" / "2025-01-13_gain2750"
+    link.symlink_to(outside, target_is_directory=True)
+    base = NightReady(night_id="7DT01_2025-01-13_gain2750", unit="7DT01", night_dir=str(link)).model_dump()
+    raw = {
+        "malformed JSON": (b"{not json", "malformed JSON"),
+        "unknown schema version": (json.dumps({**base, "schema_version": 99}).encode(), "unknown schema_version 99"),
+        "path outside the roots": (json.dumps({**base, "night_dir": "/etc"}).encode(), "outside the configured data roots"),
+        "path with ..": (json.dumps({**base, "night_dir": str(night.night_dir) + "/../../../../etc"}).encode(),
+                         "outside the configured data roots"),
+        "symbolic link out of the roots": (json.dumps(base).encode(), "outside the configured data roots"),
+        "oversized": (json.dumps({**base, "targets": ["T" * 1000] * 1000}).encode(), "exceeds the limit"),
+    }
+    nc = await bus.connect(pipe.settings, "bad-messages")
+    js = nc.jetstream()
+    for data, _ in raw.values():
+        await js.publish("gppy.survey.night.ready", data)
+    # the watcher's own night-ready, published again: JetStream's de-duplication swallows it
+    replay = NightReady(night_id=night.night_id, unit="7DT01", night_dir=str(night.night_dir), attempt=1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        rec = await ledger_record(pipe.settings, night.night_id)
+        if rec and rec.get("published"):
+            break
+        await asyncio.sleep(0.5)
+    ack = await js.publish(replay.subject(), replay.to_bytes(), headers={"Nats-Msg-Id": replay.msg_id()})
+    await nc.close()
+    return {"expected": {k: v[1] for k, v in raw.items()}, "replay_duplicate": bool(ack.duplicate)}
 
 
 def _failure(summary: dict, item: str, reason: str) -> dict | None:
@@ -202,8 +243,20 @@ def test_header_values_reach_no_shell_and_no_path_outside_the_roots(bad_night):
     assert all(c.isalnum() or c in "+-._/" for c in item), item  # sanitised: no quote, space, $ or ;
 
 
+def test_bad_messages_are_dead_lettered_with_their_reason_and_a_replay_is_swallowed(bad_night):
+    r = bad_night
+    letters = [b for subj, b in r["dead_letters"] if subj == "gppy.dlq.calib"]
+    reasons = [b.get("reason", "") for b in letters]
+    for name, reason in r["bad_messages"]["expected"].items():
+        assert sum(reason in x for x in reasons) >= 1, (name, reasons)
+    assert len(letters) == len(r["bad_messages"]["expected"]), reasons  # each once, not retried
+    assert r["bad_messages"]["replay_duplicate"]
+    assert r["recs"][r["night"].night_id]["run_attempts"] == 1 and r["recs"][r["night"].night_id]["run"] == 1
+
+
 def test_every_failure_line_is_sent_once(bad_night):
     r = bad_night
     lines = [t for t in r["slack"] if " failed on " in t or "FAILED" in t]
     assert len(lines) == len(set(lines)), lines
     assert len(r["audit"].slack_failures) >= 15
+    assert not r["audit"].frames_lost and not r["audit"].duplicate_products, r["audit"]

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from conftest_faults import (  # noqa: E402
     Pipeline,
+    _singles,
     assert_clean,
     audit,
     run_once,
@@ -32,8 +33,8 @@ pytestmark = pytest.mark.slow
 
 #: Seconds into a job at which each stage's worker is killed. Calib: first while it reduces the
 #: night's frames (some already announced), then early in the redelivered job.
-DELAYS = {"calib": [5.0, 0.5], "astrometry": [0.5, 1.5], "phot": [0.5, 2.0, 0.2], "stack": [0.3, 1.5],
-          "subtract": [0.5, 2.0], "watcher": [0.0, 0.0]}
+DELAYS = {"calib": ["some frames announced", 0.5], "astrometry": [0.5, 1.5], "phot": [0.5, 2.0, 0.2],
+          "stack": [0.3, 1.5], "subtract": [0.5, 2.0], "watcher": [0.0, 0.0]}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,13 @@ def _killed_night(tmp_path_factory):
     pipe = Pipeline(night, root / "run")
     try:
         pipe.start()
-        missed = pipe.kill_while_busy(DELAYS)
+
+        def announced():
+            """after some of its frames were announced"""
+            return len(_singles(night.processed)) >= 2
+
+        delays = {s: [announced if d == "some frames announced" else d for d in v] for s, v in DELAYS.items()}
+        missed = pipe.kill_while_busy(delays)
         rec = pipe.wait_terminal(timeout=900)
         result = audit("SIGKILL of each stage's worker mid-job", night, pipe, rec, raw_before)
     finally:

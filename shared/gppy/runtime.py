@@ -304,6 +304,15 @@ class StageService:
         night_var.set(event.night_id)
         run_var.set(event.run or int(getattr(event, "attempt", 0) or 0))
         frame_var.set(getattr(event, "path", "") or getattr(event, "night_dir", ""))
+        if delivered > self.settings.max_deliver:
+            # Every earlier delivery ended without an outcome (a failure would have been counted
+            # and dead-lettered at max_deliver): the workers died on it. This is the consumer's
+            # last delivery; give up now, so the night is told instead of waiting for ever.
+            reason = (f"delivered {delivered} times without an outcome: the worker handling it died each time "
+                      f"(killed, out of memory?)")
+            log.error("giving up: %s", reason)
+            await self._give_up(msg, event, reason, delivered)
+            return
         hb = asyncio.create_task(self._heartbeat(msg))
         self.m_inflight.labels(self.name).inc()
         t0 = time.perf_counter()

@@ -245,6 +245,13 @@ def _f(x, nd=2) -> str:
     return str(x)
 
 
+def _flat(items) -> list:
+    out = []
+    for x in items:
+        out += _flat(x) if isinstance(x, list | tuple) else [x]
+    return out
+
+
 def _pf(ok, full: bool) -> str:
     if ok is None:
         return "recorded"
@@ -304,10 +311,11 @@ def report(results: dict, args: argparse.Namespace, mach: dict, started: str, lo
             L.append(f"| {stage} | - | - | error: {r['error']} | FAIL (did not run) | - |")
             continue
         ours = r["series"][0]
-        failures = [f for f in (r.get("info") or {}).get("failures") or [] if not str(f).startswith("first")]
+        failures = [f for f in _flat((r.get("info") or {}).get("failures") or []) if not str(f).startswith("first")]
         for t in r["targets"]:
-            value = t["value"] + (f" ({len(failures)} timed run(s) failed, see below)" if failures else "")
-            L.append(f"| {stage} | {t['what']} | {t['target']} | {value} | {_pf(t['pass'], full)} | "
+            value = t["value"] + (f" ({len(failures)} failure(s) reported, see below)" if failures else "")
+            ok = t["pass"] if t["pass"] is None else (t["pass"] and not failures)
+            L.append(f"| {stage} | {t['what']} | {t['target']} | {value} | {_pf(ok, full)} | "
                      f"{_f(ours['load_min'])}-{_f(ours['load_max'])} |")
     chain = unit_night(results, size)
     if chain:

@@ -24,10 +24,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = ["tests/test_faults_kill.py", "tests/test_faults_restart.py", "tests/test_faults_disk.py",
-             "tests/test_badinput_night.py"]
+             "tests/test_faults_poison.py", "tests/test_badinput_night.py"]
 SECURITY = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_security_*.py"))
 KIND_LABEL = {"sigkill": "worker SIGKILL mid-job", "nats-restart": "NATS restart", "stack-restart": "whole stack restart",
-              "enospc": "data volume full (ENOSPC)", "slack-unreachable": "Slack unreachable"}
+              "enospc": "data volume full (ENOSPC)", "slack-unreachable": "Slack unreachable",
+              "poison-message deaths": "worker death on a poison message"}
 
 
 def run_tests(results: Path, junit: Path) -> int:

@@ -764,6 +764,16 @@ def save_figures(a: Audit, extra: dict | None = None) -> None:
         fh.write(json.dumps(row) + "\n")
 
 
+def save_row(row: dict) -> None:
+    """Append a scenario row that is not a whole night (see :func:`save_figures`)."""
+    dest = os.environ.get("GPPY_FAULTS_RESULTS")
+    if dest:
+        row = {"module": os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[0],
+               "recorded": time.strftime("%Y-%m-%dT%H:%M:%S"), **row}
+        with open(dest, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
 def assert_clean(a: Audit, *, failures: int = 0) -> None:
     """The common verdict of a fault scenario: nothing lost, nothing twice, told once."""
     assert a.state == "done", a
@@ -799,5 +809,5 @@ def copy_tree(src: Path, dst: Path) -> None:
 
 
 __all__ = ["OPERATOR", "SERVICES", "Audit", "Fault", "MessageError", "Night", "Pipeline", "SecureNats",
-           "SecureStack", "SlackStandIn", "SmallVolume", "run_once", "assert_clean", "audit",
+           "SecureStack", "SlackStandIn", "SmallVolume", "run_once", "save_row", "assert_clean", "audit",
            "copy_tree", "kill_tree", "parse", "save_figures", "simulate_night", "tree_checksums"]

@@ -16,8 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from gppy import bus
-from gppy.messages import NightReady
+sys.path.insert(0, str(Path(__file__).parent))
+
+from conftest_faults import save_row  # noqa: E402
+
+from gppy import bus  # noqa: E402
+from gppy.messages import NightReady  # noqa: E402
 
 POISON = '''
 import os, signal
@@ -76,6 +80,7 @@ def test_a_message_that_kills_its_worker_every_time_is_given_up_and_reported(set
                GPPY_MAX_DELIVER=str(settings.max_deliver), GPPY_HTTP_PORT="0", POISON_OUT=str(out))
     asyncio.run(_publish(settings, bad, good))
     deaths = 0
+    t0 = time.time()
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -92,6 +97,7 @@ def test_a_message_that_kills_its_worker_every_time_is_given_up_and_reported(set
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    t_end = time.time()
     letters = asyncio.run(_messages(settings, "dlq.poison"))
     failed = [m for m in asyncio.run(_messages(settings, "stage.failed")) if m["stage"] == "poison"]
     assert deaths == settings.max_deliver, deaths
@@ -100,3 +106,8 @@ def test_a_message_that_kills_its_worker_every_time_is_given_up_and_reported(set
     assert len(failed) == 1 and failed[0]["item_path"] == bad.night_dir and "died" in failed[0]["reason"]
     assert (out / good.night_id).exists() and not (out / bad.night_id).exists()
     assert Path(bad.night_dir).parent == obs
+    save_row({"scenario": "a message that kills its worker every time (probe stage)",
+              "faults": {"poison-message deaths": deaths}, "bad_inputs": 1, "frames": None, "frames_lost": 0,
+              "duplicates": 0, "duplicate_events": None, "half_written": None, "stale_parts": None,
+              "recover_median_s": None, "recover_max_s": round(t_end - t0, 1), "night_s": None,
+              "state": "given up, reported", "slack_failure_lines": None, "raw_changed": None})

@@ -68,6 +68,9 @@ services:
     environment:
       PROBE_OUT: {out}
       PROBE_SLEEP: "{sleep}"
+      # the probe is no pipeline stage: it connects as the operator user, not with calib's
+      # per-service subject permissions (deploy/nats/users.conf)
+      GPPY_NATS_USER: ${{GPPY_NATS_USER:-gppy}}
     volumes:
       - type: bind
         source: {probe}

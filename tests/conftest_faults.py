@@ -690,7 +690,7 @@ def audit(scenario: str, night: Night, pipe: Pipeline, rec: dict, raw_before: di
         kinds[kind] += 1
         item = body.get("path") or body.get("image_path") or body.get("science_path") or ""
         if kind in ("frame.calibrated", "frame.solved", "stack.done", "diff.done", "phot.done") and item:
-            per_item[(kind, item)] += 1
+            per_item[(kind, body.get("image_kind", ""), item)] += 1
     a.event_counts = dict(kinds)
     a.duplicate_events = sum(n - 1 for n in per_item.values() if n > 1)
     # Slack: the night's start, its end, and its failure lines

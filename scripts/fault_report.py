@@ -92,9 +92,11 @@ def render(rows: list[dict], ver: dict[str, dict[str, int]], elapsed: float | No
         totals["dups"] += r.get("duplicates") if isinstance(r.get("duplicates"), int) else 0
     lines += ["", "Totals: " + ", ".join(f"{n} x {KIND_LABEL.get(k, k)}" for k, n in sorted(totals.items())
                                         if k in KIND_LABEL)
-              + f"; {totals['bad_inputs']} bad input files/cases; {totals['lost']} frames lost; "
+              + f"; {totals['bad_inputs']} bad inputs; {totals['lost']} frames lost; "
               f"{totals['dups']} duplicate products.", "",
-              "Columns: *frames lost* = science frames of the night without their final product (WCS, zero "
+              "Columns: *bad inputs* = files, night folders and damaged reference data made by the corpus "
+              "(tests/badinput/manifest.json; the same night also gets 6 malformed or hostile messages and a "
+              "replayed one, all dead-lettered or de-duplicated), or the poison message; *frames lost* = science frames of the night without their final product (WCS, zero "
               "point, weight, mask, catalogue) that the truth says should have one (bad inputs: frames the "
               "corpus does not make unusable); *duplicates* = a raw frame with two products, a visit with two "
               "stacks, a stack with an input twice, or a stage stamped twice in a product's PIPESTG; *duplicate "

@@ -199,12 +199,13 @@ def test_each_bad_input_has_its_outcome(bad_night, case):
         rec = r["recs"][nid]
         assert rec["state"] == outcome.split("_")[1] and reason in rec["note"], rec
         assert r["summaries"][nid]["status"] == rec["state"]
-        name = nid.split("_", 1)[1]
-        final = [t for t in r["slack"] if name in t and ("FAILED" in t or "Processing complete" in t)
-                 and nid.split("_")[0] in t]
+        unit, name = nid.split("_", 1)
+        final = [t for t in r["slack"] if f"{unit} {name}" in t and ("FAILED" in t or "Processing complete" in t)]
         assert len(final) == 1, final
-        if outcome == "night_failed":
-            assert reason in final[0] and rec["last_error"]
+        if exp["stage"] == "calib":  # its frames were refused: told once, reason in the ledger
+            assert reason in rec["last_error"], rec
+            lines = [t for t in r["slack"] if f"{unit} {name}" in t and "calib failed on" in t and reason in t]
+            assert len(lines) == 1, lines
     else:
         raise AssertionError(f"unknown outcome {outcome}")
     if reason:

@@ -408,10 +408,11 @@ class NightProgress:
         if self.night_failed:
             return "failed", self.night_failed
         if self.planned and not self.frames and self.rejected and not self.skipped:
-            # files were there, none could be used (e.g. science frames with no master at all)
+            # files were there, none could be used (e.g. science frames with no master at all):
+            # say so rather than "No Light Frame" (each rejection was reported on its own)
             path, reason = next(iter(self.rejected.items()))
-            return "failed", (f"no usable frame: {len(self.rejected)} file(s) rejected, e.g. {_name(path)}: "
-                              f"{reason}")[:500]
+            return "done", (f"no usable frame: {len(self.rejected)} file(s) rejected, e.g. {_name(path)}: "
+                            f"{reason}")[:500]
         if self.planned and not self.frames:
             return "done", "No Light Frame" if not self.skipped else "no frame matches the targets/filters"
         if self.frames_ok() == 0:

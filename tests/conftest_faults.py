@@ -360,16 +360,19 @@ class Pipeline:
         raise AssertionError(f"{stage} not ready {timeout:.0f} s after its restart")
 
     def kill_while_busy(self, delays: dict[str, list], timeout: float = 600.0,
-                        spacing_s: float = 2.0) -> dict[str, int]:
+                        spacing_s: float = 2.0, gap_s: float = 0.3) -> dict[str, int]:
         """SIGKILL each stage when it has held a message for the next of its ``delays`` (s), or
         (a callable instead of a number) when it holds one and the callable says so.
 
         Every stage is watched at once (they work concurrently); ``watcher`` is killed when
-        another stage is busy. Returns the kills that could not be made before the night ended.
+        another stage is busy. Kills of one stage are ``spacing_s`` apart, kills of different
+        stages ``gap_s`` (jobs of small frames last well under a second on an idle machine).
+        Returns the kills that could not be made before the night ended.
         """
         todo = {s: list(d) for s, d in delays.items()}
         since: dict[str, float] = {}
         last_kill = 0.0
+        last_of: dict[str, float] = {}
         deadline = time.monotonic() + timeout
         polls = 0
         while any(todo.values()) and time.monotonic() < deadline:
@@ -385,14 +388,14 @@ class Pipeline:
                     since.pop(s)
             for s in busy:
                 since.setdefault(s, now)
-            if now - last_kill < spacing_s:
+            if now - last_kill < gap_s:
                 time.sleep(0.05)
                 continue
             for s, d in todo.items():
-                if not d:
+                if not d or now - last_of.get(s, 0.0) < spacing_s:
                     continue
-                if s == "watcher":
-                    ready = bool(busy)
+                if s == "watcher":  # while frames flow (not in calib's short night job)
+                    ready = bool(busy - {"calib"})
                 elif callable(d[0]):
                     ready = s in since and bool(d[0]())
                 else:
@@ -404,7 +407,7 @@ class Pipeline:
                             f"{delay:.1f} s into a job")
                     self.kill_stage(s, note)
                     since.pop(s, None)
-                    last_kill = time.time()
+                    last_kill = last_of[s] = time.time()
                     break
             time.sleep(0.05)
         return {s: len(d) for s, d in todo.items() if d}
@@ -419,6 +422,18 @@ class Pipeline:
     def slack_up(self, fault: Fault) -> None:
         self.slack.up()
         fault.end = time.time()
+
+    def wait_slack(self, *needles: str, timeout: float = 300.0) -> list[str]:
+        """Wait until Slack received a message containing each of ``needles`` (the notifier
+        retries with a back-off of up to 120 s, so messages queued during an outage arrive up
+        to that long after Slack is back, possibly after the night ended). Returns the missing."""
+        deadline = time.monotonic() + timeout
+        while True:
+            texts = [m["text"] for m in self.slack.messages]
+            missing = [n for n in needles if not any(n in t for t in texts)]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.5)
 
     def restart_nats(self, down_s: float = 3.0) -> Fault:
         """Stop the NATS server (SIGKILL, no clean shutdown), keep it down, start it again."""

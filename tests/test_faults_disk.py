@@ -64,6 +64,8 @@ def _full_disk_night(tmp_path_factory):
             time.sleep(SLACK_AFTER_S)
             pipe.slack_up(slack)
             rec = pipe.wait_terminal(timeout=900)
+            late = pipe.wait_slack("Processing complete", "data volume full", "space available again")
+            assert not late, f"never reached Slack: {late}"
             result = audit("data volume full (ENOSPC) for a while, Slack unreachable", night, pipe, rec,
                            raw_before)
             logs = pipe.logs()

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Regenerate FAULTS.md: run the fault, bad-input and security tests and tabulate what they measured.
 
-    .venv/bin/python scripts/fault_report.py            # runs the tests (about 8-10 minutes), writes FAULTS.md
+    .venv/bin/python scripts/fault_report.py            # runs the tests (about 10-12 minutes), writes FAULTS.md
+    .venv/bin/python scripts/fault_report.py --local-only   # without the compose scenario (no Docker needed)
     .venv/bin/python scripts/fault_report.py --results R.jsonl   # only re-render from a results file
 
 Each fault scenario (tests/test_faults_*.py, tests/test_badinput_*.py) processes one simulated
-night on the local stack and appends its figures to $GPPY_FAULTS_RESULTS
-(tests/conftest_faults.py:save_figures); the verdicts come from pytest's JUnit report.
+night on the local stack, tests/test_compose_faults.py the same night on the compose stack (it
+needs a Docker engine with Compose v2: `bash deploy/ci-docker.sh` as root, as `make test` does);
+each appends its figures to $GPPY_FAULTS_RESULTS (tests/conftest_faults.py:save_figures); the
+verdicts come from pytest's JUnit report.
 """
 
 from __future__ import annotations
@@ -25,15 +28,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = ["tests/test_faults_kill.py", "tests/test_faults_restart.py", "tests/test_faults_disk.py",
              "tests/test_faults_poison.py", "tests/test_badinput_night.py"]
+COMPOSE_SCENARIOS = ["tests/test_compose_faults.py"]
 SECURITY = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_security_*.py"))
 KIND_LABEL = {"sigkill": "worker SIGKILL mid-job", "nats-restart": "NATS restart", "stack-restart": "whole stack restart",
               "enospc": "data volume full (ENOSPC)", "slack-unreachable": "Slack unreachable",
               "poison-message deaths": "worker death on a poison message"}
 
 
-def run_tests(results: Path, junit: Path) -> int:
+def run_tests(results: Path, junit: Path, compose: bool = True) -> int:
     env = dict(os.environ, GPPY_FAULTS_RESULTS=str(results))
-    cmd = [sys.executable, "-m", "pytest", *SCENARIOS, *SECURITY, "-q", "-p", "no:cacheprovider", "-W", "ignore",
+    cmd = [sys.executable, "-m", "pytest", *SCENARIOS, *(COMPOSE_SCENARIOS if compose else []), *SECURITY, "-q", "-p", "no:cacheprovider", "-W", "ignore",
            f"--junitxml={junit}"]
     print("running:", " ".join(cmd[2:]), flush=True)
     return subprocess.run(cmd, cwd=REPO, env=env).returncode
@@ -67,7 +71,9 @@ def render(rows: list[dict], ver: dict[str, dict[str, int]], elapsed: float | No
              f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
              + (f", {elapsed / 60:.1f} min" if elapsed else "") + "). Each scenario is one small simulated night "
              "(1024x768 frames; 6 science frames in 2 visits, 9 + corpus frames in 3 visits for the bad inputs) "
-             "on the local stack (real nats-server, the six services as processes, a Slack stand-in); "
+             "on the local stack (real nats-server, the six services as processes, a Slack stand-in), or, for "
+             "the scenario marked *(compose stack)*, on the compose stack (compose.yaml with the built images: "
+             "the NATS container with its JetStream volume and the six stage containers); "
              "figures are measured on the products, the ledger, the bus and Slack after the night.", "",
              "| scenario | faults injected | bad inputs | frames | frames lost | duplicates | duplicate events "
              "| half-written | time to recover (median / max) | night | Slack failure lines | raw files changed "
@@ -102,7 +108,7 @@ def render(rows: list[dict], ver: dict[str, dict[str, int]], elapsed: float | No
               "stacks, a stack with an input twice, or a stage stamped twice in a product's PIPESTG; *duplicate "
               "events* = items announced twice on the bus (JetStream de-duplicates identical re-publications); "
               "*half-written* = a product under its final name that is not a complete FITS file; *time to "
-              "recover* = from the end of a fault (worker restarted, broker or stack back, space freed, Slack "
+              "recover* = from the end of a fault (worker or container restarted, broker or stack back, space freed, Slack "
               "back) to the next event of the part it hit (for a killed worker this includes the "
               "acknowledgement wait, 8 s in the tests, after which its message is redelivered; when the "
               "worker's work was complete, its re-run's identical events are de-duplicated and the night's end "
@@ -124,6 +130,7 @@ def main() -> int:
     ap.add_argument("--results", type=Path, help="render from this results file (JSON lines) without running")
     ap.add_argument("--junit", type=Path, help="JUnit report of that run (for the verdicts)")
     ap.add_argument("--out", type=Path, default=REPO / "FAULTS.md")
+    ap.add_argument("--local-only", action="store_true", help="leave out the compose scenario (no Docker engine)")
     args = ap.parse_args()
     elapsed = None
     code = 0
@@ -131,7 +138,7 @@ def main() -> int:
         tmp = Path(tempfile.mkdtemp(prefix="gppy-faults-"))
         args.results, args.junit = tmp / "results.jsonl", tmp / "junit.xml"
         t0 = time.time()
-        code = run_tests(args.results, args.junit)
+        code = run_tests(args.results, args.junit, compose=not args.local_only)
         elapsed = time.time() - t0
     rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()] \
         if args.results.exists() else []

@@ -97,6 +97,33 @@ def build_images(services: list[str] | None = None, extra_env: dict | None = Non
     return time.monotonic() - t0
 
 
+_BUILT_REVISIONS: set[str] = set()
+
+
+def ensure_images(services: list[str] | None = None) -> float:
+    """The images of ``services`` (compose service names; all by default) for this source tree,
+    built at most once per test run: nothing is built when this process built them already or
+    when every image already carries the tree's clean git revision (another compose test module
+    of this run built it); otherwise :func:`build_images`. Returns the seconds spent building."""
+    env = image_env()
+    rev = env["GPPY_REVISION"]
+    wanted = services or ["nats", *STAGES]
+    images = [f"gppy-{'base' if s == 'nats' else s}:{TAG}" for s in wanted]
+    key = f"{rev}:{','.join(sorted(wanted))}"
+    if key in _BUILT_REVISIONS:
+        return 0.0
+    if not rev.endswith("-dirty") and rev != "unknown":
+        labels = [run(["docker", "image", "inspect", "-f",
+                       '{{index .Config.Labels "org.opencontainers.image.revision"}}', img], check=False)
+                  for img in images]
+        if all(r.returncode == 0 and r.stdout.strip() == rev for r in labels):
+            _BUILT_REVISIONS.add(key)
+            return 0.0
+    seconds = build_images(services, extra_env={k: env[k] for k in ("GPPY_VERSION", "GPPY_REVISION")})
+    _BUILT_REVISIONS.add(key)
+    return seconds
+
+
 def make_data_root() -> Path:
     """A fresh data root outside /tmp (containers mount a tmpfs there), e.g.
     /var/tmp/gppy-compose-XXXX/data, traversable by the pipeline user."""

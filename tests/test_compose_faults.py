@@ -200,7 +200,8 @@ class ComposePipeline(Pipeline):
             return self.restart_nats(NATS_DOWN_S, note)
         n = self.kills[stage] = self.kills.get(stage, 0) + 1
         name = self.container(stage)
-        before = self.state(stage)
+        info = self.stack.inspect(name)
+        before, restarts = info["State"], info["RestartCount"]
         assert before["Running"], f"{name} is not running: {before}"
         t0 = time.time()
         if n % 2 == 1:
@@ -211,7 +212,6 @@ class ComposePipeline(Pipeline):
             how = "docker kill; docker compose up -d"
         else:
             os.kill(int(before["Pid"]), signal.SIGKILL)  # its init: everything in the container dies
-            restarts = self.stack.inspect(name)["RestartCount"]
 
             def back() -> bool:
                 info = self.stack.inspect(name)

@@ -290,3 +290,87 @@ def wcs_residuals(header: fits.Header, stars: Table, xcol: str = "x_0based", yco
     dra = ((ra - np.asarray(stars["ra"], float) + 180.0) % 360.0 - 180.0) * np.cos(np.deg2rad(dec)) * 3600.0
     ddec = (dec - np.asarray(stars["dec"], float)) * 3600.0
     return dra, ddec
+
+
+# ------------------------------------------------------------------ catalogue-level star lists
+@dataclass
+class StarLists:
+    """What the coarse matcher sees (detections, reference) and the truth behind it."""
+
+    x: np.ndarray                 # detection centroids, FITS 1-based px
+    y: np.ndarray
+    flux: np.ndarray              # detection fluxes (ADU)
+    true_ra: np.ndarray           # true position of each detection (deg; NaN for artefacts)
+    true_dec: np.ndarray
+    ref_ra: np.ndarray            # reference catalogue (deg) and its magnitudes (another band)
+    ref_dec: np.ndarray
+    ref_mag: np.ndarray
+    ra0: float                    # header pointing (deg)
+    dec0: float
+    nx: int
+    ny: int
+    centroid_sigma_arcsec: float
+    nsaturated: int
+
+
+def make_star_lists(seed: int, size: tuple[int, int] = (1536, 1024), pointing_error_arcmin=(0.0, 0.0),
+                    angle_deg: float = 0.0, ra0: float = 150.0, dec0: float = -35.0,
+                    density_per_deg2: float = 55000.0, mag_range: tuple[float, float] = (10.0, 21.5),
+                    det_limit_mag: float = 19.5, saturation_mag: float = 13.0, ref_limit_mag: float = 21.5,
+                    colour_sigma_mag: float = 0.3, artefact_fraction: float = 0.03,
+                    centroid_sigma_px: float = 0.1) -> StarLists:
+    """A star field and what the coarse matcher gets from it, without images.
+
+    Stars are drawn uniformly on the tangent plane at the header pointing, over the frame plus
+    the pointing error plus 3' all round, with a power-law luminosity function
+    (N(<m) ~ 10^(0.3 m)) over ``mag_range``. The frame's true WCS is a TAN projection at the
+    true centre (the header pointing moved by ``pointing_error_arcmin`` east, north), rotated
+    by ``angle_deg`` like gppy.sim's (east left, north up at 0). Detections are the stars on
+    the frame between ``saturation_mag`` (brighter ones are saturated: flagged and dropped
+    before matching) and ``det_limit_mag``, with Gaussian centroid noise, plus artefacts at
+    random places; the reference holds every star brighter than ``ref_limit_mag``, with
+    magnitudes in another band (``colour_sigma_mag`` of colour scatter).
+    """
+    from gppy_astrometry.match import tan_deproject, tan_project
+
+    rng = np.random.default_rng(seed)
+    nx, ny = size
+    half = np.hypot(nx, ny) * PIXSCALE / 2.0
+    pe, pn = pointing_error_arcmin
+    ext = half + np.hypot(pe, pn) * 60.0 + 180.0
+    area_deg2 = (2 * ext / 3600.0) ** 2
+    n = rng.poisson(density_per_deg2 * area_deg2)
+    xi = rng.uniform(-ext, ext, n)
+    eta = rng.uniform(-ext, ext, n)
+    lo, hi = mag_range
+    u = rng.uniform(0, 1, n)
+    f0 = 10 ** (-0.3 * (hi - lo))
+    mag = hi + np.log10(u * (1 - f0) + f0) / 0.3
+    ra, dec = tan_deproject(xi, eta, ra0, dec0)
+    # true centre and pixel positions (exact TAN at the true centre, rotated)
+    c_ra, c_dec = tan_deproject(np.array([pe * 60.0]), np.array([pn * 60.0]), ra0, dec0)
+    e, nn = tan_project(ra, dec, float(c_ra[0]), float(c_dec[0]))
+    th = np.deg2rad(angle_deg)
+    # sky (e, n) = R(th) @ (east, north); east = -(x - cx) s, north = (y - cy) s
+    east = np.cos(th) * e + np.sin(th) * nn
+    north = -np.sin(th) * e + np.cos(th) * nn
+    cx, cy = (nx + 1) / 2.0, (ny + 1) / 2.0
+    x = cx - east / PIXSCALE
+    y = cy + north / PIXSCALE
+    on = (x >= 0.5) & (x <= nx + 0.5) & (y >= 0.5) & (y <= ny + 0.5)
+    det = on & (mag >= saturation_mag) & (mag < det_limit_mag)
+    nsat = int(np.sum(on & (mag < saturation_mag)))
+    dx = x[det] + rng.normal(0, centroid_sigma_px, det.sum())
+    dy = y[det] + rng.normal(0, centroid_sigma_px, det.sum())
+    flux = 10 ** (-0.4 * (mag[det] + rng.normal(0, 0.03, det.sum()) - ZP))
+    nart = int(artefact_fraction * det.sum())
+    ax = rng.uniform(1, nx, nart)
+    ay = rng.uniform(1, ny, nart)
+    aflux = 10 ** (-0.4 * (rng.uniform(saturation_mag, det_limit_mag, nart) - ZP))
+    nan = np.full(nart, np.nan)
+    ref = mag < ref_limit_mag
+    return StarLists(x=np.r_[dx, ax], y=np.r_[dy, ay], flux=np.r_[flux, aflux],
+                     true_ra=np.r_[ra[det], nan], true_dec=np.r_[dec[det], nan],
+                     ref_ra=ra[ref], ref_dec=dec[ref], ref_mag=mag[ref] + rng.normal(0, colour_sigma_mag, ref.sum()),
+                     ra0=ra0, dec0=dec0, nx=nx, ny=ny, centroid_sigma_arcsec=centroid_sigma_px * PIXSCALE,
+                     nsaturated=nsat)

@@ -45,8 +45,12 @@ class SolveOptions:
     """Parameters of one solution (from :class:`gppy.config.Settings` in the service)."""
 
     pixscale_arcsec: float = 0.505
-    max_offset_arcmin: float = 6.0
-    max_rotation_deg: float = 3.0
+    max_offset_arcmin: float = 6.0   # pointing error per axis (SCAMP's POSITION_MAXERR)
+    max_rotation_deg: float = 3.0    # rotation either way (SCAMP's POSANGLE_MAXERR)
+    # the own matcher searches at least this far (it costs little more and a header
+    # pointing 10' off must still solve)
+    coarse_offset_arcmin: float = 12.0
+    coarse_rotation_deg: float = 5.0
     min_stars: int = 15
     max_rms_arcsec: float = 0.3
     distort_degree: int = 3
@@ -190,10 +194,11 @@ def solve_frame(image: Path, weight: Path, mask: Path, reference: Path, workdir:
         x = np.asarray(cat["XWIN_IMAGE"], float)[stars]
         y = np.asarray(cat["YWIN_IMAGE"], float)[stars]
         flux = np.asarray(cat["FLUX_AUTO"], float)[stars]
+        max_offset = max(options.max_offset_arcmin, options.coarse_offset_arcmin)
+        max_rotation = max(options.max_rotation_deg, options.coarse_rotation_deg)
         try:
             cm = coarse_match(x, y, flux, *ref_positions, ra0, dec0, nx, ny, options.pixscale_arcsec,
-                              max_offset_arcmin=options.max_offset_arcmin,
-                              max_rotation_deg=options.max_rotation_deg)
+                              max_offset_arcmin=max_offset, max_rotation_deg=max_rotation)
         except NoMatchError as exc:
             raise AstrometryFailure(str(exc)) from exc
         start_wcs = cm.header
@@ -203,6 +208,7 @@ def solve_frame(image: Path, weight: Path, mask: Path, reference: Path, workdir:
         check_wcs, corner_limit = start_wcs, max(10.0, 20.0 * cm.rms_arcsec)
         match_args = ["-MATCH", "N"]
     else:
+        max_offset, max_rotation = options.max_offset_arcmin, options.max_rotation_deg
         start_wcs = pointing_wcs
         check_wcs = pointing_wcs
         corner_limit = (math.sqrt(2) * options.max_offset_arcmin * 60.0
@@ -236,7 +242,7 @@ def solve_frame(image: Path, weight: Path, mask: Path, reference: Path, workdir:
         for axis in (1, 2):
             head[f"PV{axis}_1"] = 1.0
     quality = judge(stats, head, check_wcs, nx, ny, pointing, options.pixscale_arcsec, options.min_stars,
-                    options.max_rms_arcsec, options.max_offset_arcmin, options.max_rotation_deg,
+                    options.max_rms_arcsec, max_offset, max_rotation,
                     max_corner_shift_arcsec=corner_limit)
     quality["degree"] = int(options.distort_degree)
     quality["refcat"] = reference.name

@@ -5,6 +5,14 @@ Units: the *flat-fielded* signal is in ADU (what a perfectly calibrated frame sh
 the detector multiplies it by the flat (the pixel response), converts to electrons with the
 gain, adds dark current, draws Poisson noise, adds cosmic-ray charge, converts back to ADU,
 adds the bias and read noise, and clips to the 16-bit range.
+
+Noise: where a pixel expects fewer than ``POISSON_EXACT_BELOW`` electrons the photo-electrons
+are exact Poisson draws (then read noise is added); at and above it, photo-electrons plus read
+noise are drawn together as one normal deviate with the Cornish-Fisher skew term, so that the
+mean, variance and third cumulant are those of ``Poisson(lam) + N(0, RN^2)`` (what is left is
+in the fourth cumulant, ``lam / V^2`` with ``V = lam + RN^2``: below 0.02 at the threshold, and
+the discreteness of the electrons, which the 3 e- read noise blurs). Everything is computed in
+float32 in bands of rows.
 """
 
 from __future__ import annotations
@@ -14,6 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gppy.sim.instrument import ADC_MAX, BIAS_LEVEL, DARK_CURRENT_E, EGAIN, READ_NOISE_E
+
+POISSON_EXACT_BELOW = 20.0     # e-: exact Poisson below, skew-corrected normal at and above
+BAND_ROWS = 256                # rows per band (a float32 band of a full frame is ~10 MB)
+MASK_BADCOL, MASK_HOT = 8, 16  # bits of the truth masks (see night.py)
 
 
 @dataclass
@@ -75,6 +87,7 @@ class Detector:
     seed: int = 0
     physics: Physics = field(default_factory=Physics)
     _flats: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _fixed_mask: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def read_noise_adu(self) -> float:
@@ -84,23 +97,33 @@ class Detector:
     def hot_pixel_mask(self) -> np.ndarray:
         return self.dark > 0.5
 
+    def fixed_mask(self) -> np.ndarray:
+        """Truth-mask bits that are the same in every frame (uint8): bad columns (8) and hot
+        pixels (16, dark current > 0.5 e-/s). Built once; do not modify it."""
+        if self._fixed_mask is None:
+            m = np.zeros(self.shape, np.uint8)
+            for b in self.bad_columns:
+                m[b.y0:b.y1, b.x] |= MASK_BADCOL
+            m[self.hot_pixel_mask] |= MASK_HOT
+            self._fixed_mask = m
+        return self._fixed_mask
+
     def flat(self, filt: str) -> np.ndarray:
         """True response of filter ``filt``, normalised to a median of 1 (float32)."""
         if filt not in self._flats:
-            ny, nx = self.shape
-            resp = self.vignetting * self.prnu
+            resp = np.empty(self.shape, np.float32)
+            np.multiply(self.vignetting, self.prnu, out=resp)
             if self.physics.dust:
                 if filt not in self.dust_filter:
                     rng = np.random.default_rng([self.seed, 77, _stable_hash(filt)])
                     self.dust_filter[filt] = _dust_rings(self.shape, max(1, len(self.dust_common) // 2), rng)
-                resp = resp * _dust_image(self.shape, self.dust_common + self.dust_filter[filt])
+                _apply_dust(resp, self.dust_common + self.dust_filter[filt])
             if self.physics.bad_columns:
-                resp = resp.copy()
                 for bc in self.bad_columns:
                     if bc.kind == "dead":
-                        resp[bc.y0:bc.y1, bc.x] *= bc.value
-            resp = resp / np.median(resp)
-            self._flats[filt] = resp.astype(np.float32)
+                        resp[bc.y0:bc.y1, bc.x] *= np.float32(bc.value)
+            resp /= np.float32(np.median(resp))
+            self._flats[filt] = resp
         return self._flats[filt]
 
     def to_dict(self) -> dict:
@@ -127,9 +150,10 @@ def _dust_rings(shape: tuple[int, int], n: int, rng: np.random.Generator) -> lis
     return out
 
 
-def _dust_image(shape: tuple[int, int], rings: list[tuple[float, float, float, float]]) -> np.ndarray:
-    """Multiplicative dust shadows: an annulus (donut) of radius R, depth d at each (x, y)."""
-    img = np.ones(shape, np.float32)
+def _apply_dust(img: np.ndarray, rings: list[tuple[float, float, float, float]]) -> np.ndarray:
+    """Multiply ``img`` in place by dust shadows: an annulus (donut) of radius R, depth d at
+    each (x, y), and a shallower disc inside it."""
+    shape = img.shape
     for (x0, y0, r, depth) in rings:
         h = int(r * 1.6) + 3
         xs = slice(max(0, int(x0) - h), min(shape[1], int(x0) + h + 1))
@@ -142,36 +166,62 @@ def _dust_image(shape: tuple[int, int], rings: list[tuple[float, float, float, f
     return img
 
 
+def _dust_image(shape: tuple[int, int], rings: list[tuple[float, float, float, float]]) -> np.ndarray:
+    """Multiplicative dust shadows: a float32 image of ``shape``, 1 away from the rings."""
+    return _apply_dust(np.ones(shape, np.float32), rings)
+
+
 def make_detector(shape: tuple[int, int], seed: int, physics: Physics | None = None) -> Detector:
-    """Build the fixed-pattern detector of a unit (deterministic for ``seed``)."""
+    """Build the fixed-pattern detector of a unit (deterministic for ``seed``; float32 images
+    computed in bands of rows)."""
     physics = physics or Physics()
     ny, nx = shape
     rng = np.random.default_rng([seed, 1])
+    bands = [(r0, min(ny, r0 + BAND_ROWS)) for r0 in range(0, ny, BAND_ROWS)]
     # bias: level + column structure + a gentle row gradient
     bias = np.full(shape, BIAS_LEVEL, np.float32)
     if physics.bias_structure:
         cols = rng.normal(0.0, 1.5, nx) + 1.2 * np.sin(np.arange(nx) / nx * 6.0)
         cols[rng.integers(0, nx, max(1, nx // 300))] += rng.normal(0, 6.0, max(1, nx // 300))
         rows = np.linspace(-1.0, 1.0, ny) * 1.0
-        bias += cols[None, :].astype(np.float32) + rows[:, None].astype(np.float32)
+        bias += cols[None, :].astype(np.float32)
+        bias += rows[:, None].astype(np.float32)
     # dark current + amplifier glow in one corner + hot pixels
     dark = np.zeros(shape, np.float32)
     if physics.dark_current:
-        yy = np.arange(ny, dtype=np.float32)[:, None]
-        xx = np.arange(nx, dtype=np.float32)[None, :]
-        glow = 0.04 * np.exp(-(xx + (ny - 1 - yy)) / (0.05 * (nx + ny)))
-        dark += DARK_CURRENT_E + glow
+        # glow 0.04 exp(-(x + (ny - 1 - y)) / L) e-/s is separable: an outer product per band
+        glow_len = 0.05 * (nx + ny)
+        gx = np.exp(-np.arange(nx) / glow_len).astype(np.float32)
+        gy = (0.04 * np.exp(-(ny - 1 - np.arange(ny)) / glow_len)).astype(np.float32)
+        for r0, r1 in bands:
+            np.multiply(gy[r0:r1, None], gx[None, :], out=dark[r0:r1])
+        dark += np.float32(DARK_CURRENT_E)
     if physics.hot_pixels:
         nhot = max(5, int(2e-4 * nx * ny))
         hy, hx = rng.integers(0, ny, nhot), rng.integers(0, nx, nhot)
         dark[hy, hx] += np.exp(rng.uniform(np.log(0.6), np.log(60.0), nhot)).astype(np.float32)
     # response: vignetting (centre ~1.06 x median), PRNU
-    yy = (np.arange(ny, dtype=np.float32)[:, None] - (ny - 1) / 2) / (ny / 2)
-    xx = (np.arange(nx, dtype=np.float32)[None, :] - (nx - 1) / 2) / (nx / 2)
-    rho2 = (xx * xx * nx * nx + yy * yy * ny * ny) / (nx * nx + ny * ny)
-    vig = (1.0 - 0.10 * rho2 - 0.04 * rho2 * rho2) if physics.vignetting else np.ones(shape, np.float32)
-    vig = vig.astype(np.float32)
-    prnu = (1.0 + rng.normal(0.0, 0.005, shape)).astype(np.float32) if physics.prnu else np.ones(shape, np.float32)
+    vig = np.ones(shape, np.float32)
+    if physics.vignetting:
+        # rho^2 = (x'^2 nx^2 + y'^2 ny^2) / (nx^2 + ny^2), x', y' in -1..1 from the centre
+        xx = (np.arange(nx, dtype=np.float32) - (nx - 1) / 2) / (nx / 2)
+        yy = (np.arange(ny, dtype=np.float32) - (ny - 1) / 2) / (ny / 2)
+        ax = (xx * xx * nx * nx / (nx * nx + ny * ny)).astype(np.float32)
+        ay = (yy * yy * ny * ny / (nx * nx + ny * ny)).astype(np.float32)
+        for r0, r1 in bands:
+            rho2 = vig[r0:r1]
+            np.add(ay[r0:r1, None], ax[None, :], out=rho2)
+            t = rho2 * np.float32(0.04)                 # 1 - 0.10 rho2 - 0.04 rho2^2
+            t += np.float32(0.10)
+            t *= rho2
+            np.subtract(np.float32(1.0), t, out=rho2)
+    prnu = np.ones(shape, np.float32)
+    if physics.prnu:
+        for r0, r1 in bands:
+            band = prnu[r0:r1]
+            rng.standard_normal(band.shape, dtype=np.float32, out=band)
+            band *= np.float32(0.005)
+            band += np.float32(1.0)
     dust = _dust_rings(shape, max(2, int(round(nx * ny / 6e5))), rng) if physics.dust else []
     bad: list[BadColumn] = []
     if physics.bad_columns:
@@ -194,19 +244,26 @@ def make_detector(shape: tuple[int, int], seed: int, physics: Physics | None = N
 class Exposure:
     """What falls on the detector during one exposure.
 
-    ``signal_adu`` is the flat-fielded signal (sky + sources, ADU) or None for dark/bias.
+    ``signal_adu`` is the flat-fielded signal (sky + sources, ADU; an image, or one value for
+    uniform illumination) or None for dark/bias.
     """
 
     exptime: float
     filt: str | None
-    signal_adu: np.ndarray | None
+    signal_adu: np.ndarray | float | None
     cr_pix: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     cr_e: np.ndarray = field(default_factory=lambda: np.zeros(0))
     bias_offset: float = 0.0
 
 
-def read_out(det: Detector, exp: Exposure, rng: np.random.Generator, band_rows: int = 1024) -> np.ndarray:
-    """Turn an :class:`Exposure` into raw uint16 ADU (processed in bands of rows to save memory)."""
+def read_out(det: Detector, exp: Exposure, rng: np.random.Generator, band_rows: int = BAND_ROWS) -> np.ndarray:
+    """Turn an :class:`Exposure` into raw uint16 ADU (float32, in bands of rows).
+
+    Per pixel: expected electrons ``lam = signal * flat * gain + dark * t``; the electrons
+    collected (exact Poisson below ``POISSON_EXACT_BELOW``, skew-corrected normal with the read
+    noise folded in above it, see the module docstring) plus cosmic-ray charge, divided by the
+    gain, plus bias, frame offset and read noise; rounded and clipped to 0..65535.
+    """
     ny, nx = det.shape
     out = np.empty(det.shape, np.uint16)
     ph = det.physics
@@ -214,28 +271,56 @@ def read_out(det: Detector, exp: Exposure, rng: np.random.Generator, band_rows: 
     order = np.argsort(exp.cr_pix, kind="stable")
     cr_pix, cr_e = exp.cr_pix[order], exp.cr_e[order]
     noisy_cols = [b for b in det.bad_columns if b.kind == "noisy"] if ph.bad_columns else []
-    inv_gain = np.float32(1.0 / det.gain)
-    rn = np.float32(det.read_noise_adu)
+    use_dark = (ph.dark_current or ph.hot_pixels or ph.bad_columns) and exp.exptime > 0
+    f32 = np.float32
+    gain, inv_gain, t_exp = f32(det.gain), f32(1.0 / det.gain), f32(exp.exptime)
+    rn_e, rn2 = f32(det.read_noise_e), f32(det.read_noise_e ** 2)
     for r0 in range(0, ny, band_rows):
         r1 = min(ny, r0 + band_rows)
-        e = np.zeros((r1 - r0, nx), np.float32)
+        shape = (r1 - r0, nx)
+        e = np.zeros(shape, np.float32)                # expected electrons, then electrons
         if exp.signal_adu is not None:
-            e += exp.signal_adu[r0:r1] * flat[r0:r1] * np.float32(det.gain)
-        if ph.dark_current or ph.hot_pixels or ph.bad_columns:
-            e += det.dark[r0:r1] * np.float32(exp.exptime)
+            if np.ndim(exp.signal_adu) == 0:
+                np.multiply(flat[r0:r1], f32(exp.signal_adu) * gain, out=e)
+            else:
+                np.multiply(exp.signal_adu[r0:r1], flat[r0:r1], out=e)
+                e *= gain
+        if use_dark:
+            e += det.dark[r0:r1] * t_exp
         if ph.noise:
-            e = rng.poisson(np.maximum(e, 0.0)).astype(np.float32)
+            z = rng.standard_normal(shape, dtype=np.float32)
+            if exp.signal_adu is not None or use_dark:
+                np.maximum(e, f32(0.0), out=e)
+                small = np.flatnonzero(e < f32(POISSON_EXACT_BELOW))
+                lam_small = e.reshape(-1)[small]
+                # lam + sqrt(V - 2 a^2) z + a (z^2 - 1), V = lam + RN^2, a = lam / (6 V):
+                # mean lam, variance V, third cumulant lam (+ 8 a^3, < 0.005 e-^3)
+                v = e + rn2
+                a = e / (f32(6.0) * v)
+                v -= f32(2.0) * a * a
+                np.sqrt(v, out=v)
+                v *= z
+                e += v
+                np.multiply(z, z, out=v)
+                v -= f32(1.0)
+                v *= a
+                e += v
+                if small.size:
+                    e.reshape(-1)[small] = rng.poisson(lam_small).astype(np.float32) + rn_e * z.reshape(-1)[small]
+            else:
+                np.multiply(z, rn_e, out=e)            # bias frame: read noise only
         lo, hi = np.searchsorted(cr_pix, [r0 * nx, r1 * nx])
         if hi > lo:
             np.add.at(e.reshape(-1), cr_pix[lo:hi] - r0 * nx, cr_e[lo:hi].astype(np.float32))
-        adu = e * inv_gain + det.bias[r0:r1] + np.float32(exp.bias_offset)
+        e *= inv_gain
+        e += det.bias[r0:r1]
+        e += f32(exp.bias_offset)
         if ph.noise:
-            adu += rng.standard_normal(adu.shape, dtype=np.float32) * rn
             for b in noisy_cols:
                 lo, hi = max(b.y0, r0), min(b.y1, r1)
                 if hi > lo:
-                    adu[lo - r0:hi - r0, b.x] += rng.normal(0.0, b.value, hi - lo).astype(np.float32)
-        np.rint(adu, out=adu)
-        np.clip(adu, 0, ADC_MAX, out=adu)
-        out[r0:r1] = adu.astype(np.uint16)
+                    e[lo - r0:hi - r0, b.x] += rng.normal(0.0, b.value, hi - lo).astype(np.float32)
+        np.rint(e, out=e)
+        np.clip(e, 0, ADC_MAX, out=e)
+        out[r0:r1] = e
     return out

@@ -17,12 +17,12 @@ from astropy.time import Time, TimeDelta
 from gppy import fitsio, naming
 from gppy.sim import instrument as ins
 from gppy.sim.catalog import StarField, inside_box, make_starfield
-from gppy.sim.detector import Detector, Exposure, Physics, make_detector, read_out
+from gppy.sim.detector import BAND_ROWS, Detector, Exposure, Physics, make_detector, read_out
 from gppy.sim.header import raw_header
 from gppy.sim.optics import FrameWCS, PSFModel, distortion_coefficients, moffat_neff, offset_radec
 from gppy.sim.plan import FrameSpec, Plan, make_plan
 from gppy.sim.reference import gaia_table, reference_header, reference_image
-from gppy.sim.render import cosmic_rays, line_profile, render_moffat
+from gppy.sim.render import cosmic_rays, line_strip, render_moffat
 
 STACK_MARGIN = 1.07
 MASK_CR, MASK_TRAIL, MASK_SATURATED, MASK_BADCOL, MASK_HOT = 1, 2, 4, 8, 16
@@ -490,7 +490,13 @@ def _science_frame(spec: FrameSpec, tr: FrameTruth, fld: StarField, det: Detecto
     # sky plane
     yy = (np.arange(ny, dtype=np.float32)[:, None] - (ny - 1) / 2) / ny
     xx = (np.arange(nx, dtype=np.float32)[None, :] - (nx - 1) / 2) / nx
-    signal = (tr.sky_adu * (1.0 + tr.sky_gradient[0] * xx + tr.sky_gradient[1] * yy)).astype(np.float32)
+    row = 1.0 + tr.sky_gradient[0] * xx
+    col = tr.sky_gradient[1] * yy
+    signal = np.empty((ny, nx), np.float32)       # sky * (1 + gx x + gy y), in bands of rows
+    for r0 in range(0, ny, BAND_ROWS):
+        band = signal[r0:r0 + BAND_ROWS]
+        np.add(row, col[r0:r0 + BAND_ROWS], out=band)
+        band *= np.float32(tr.sky_adu)
     # stars
     epoch = _epoch_year(spec.t_mid)
     ra, dec = fld.positions_at(epoch)
@@ -543,11 +549,10 @@ def _science_frame(spec: FrameSpec, tr: FrameTruth, fld: StarField, det: Detecto
         amp = float(r.uniform(4.0, 15.0) * sigma_pix)
         fw = tr.psf.fwhm_arcsec / ins.PIXEL_SCALE
         thresh = 0.25 * sigma_pix
-        for r0 in range(0, ny, 1024):
-            rows = slice(r0, min(ny, r0 + 1024))
-            prof = line_profile((ny, nx), p0, p1, fw, rows) * amp
-            signal[rows] += prof
-            mask[rows][prof > thresh] |= MASK_TRAIL
+        lin, prof = line_strip((ny, nx), p0, p1, fw)      # the pixels within 10 sigma of the line
+        prof *= np.float32(amp)
+        signal.reshape(-1)[lin] += prof
+        mask.reshape(-1)[lin[prof > thresh]] |= MASK_TRAIL
         tr.trail = {"point0_0based": p0, "point1_0based": p1, "angle_deg": float(np.rad2deg(ang)),
                     "peak_adu": amp, "fwhm_px": fw, "mask_threshold_adu": thresh,
                     "profile": "Gaussian across the line, constant along it, crossing the whole frame"}
@@ -613,10 +618,11 @@ def _offset_arcsec(ra1: float, dec1: float, ra2: float, dec2: float) -> list[flo
 def _fixed_masks(mask: np.ndarray, det: Detector, raw: np.ndarray, cr_pix: np.ndarray) -> None:
     if cr_pix.size:
         mask.reshape(-1)[cr_pix] |= MASK_CR
-    mask[raw >= ins.ADC_MAX] |= MASK_SATURATED
-    for b in det.bad_columns:
-        mask[b.y0:b.y1, b.x] |= MASK_BADCOL
-    mask[det.hot_pixel_mask] |= MASK_HOT
+    fixed = det.fixed_mask()                       # bad columns (8) and hot pixels (16)
+    for r0 in range(0, mask.shape[0], BAND_ROWS):
+        m = mask[r0:r0 + BAND_ROWS]
+        m |= fixed[r0:r0 + BAND_ROWS]
+        m |= (raw[r0:r0 + BAND_ROWS] >= ins.ADC_MAX).view(np.uint8) * np.uint8(MASK_SATURATED)
 
 
 def _calibration_frame(spec: FrameSpec, det: Detector, seed: int, ph: Physics, cr_rate: float):
@@ -627,7 +633,7 @@ def _calibration_frame(spec: FrameSpec, det: Detector, seed: int, ph: Physics, c
     signal = None
     if spec.kind == "flat":
         level = float(25000.0 * np.exp(r.normal(0.0, 0.03)))
-        signal = np.full((ny, nx), level, np.float32)
+        signal = np.float32(level)                 # uniform illumination (read_out takes a scalar)
     n_cr = int(r.poisson(cr_rate * nx * ny / 1e6 * spec.exptime)) if (ph.cosmic_rays and spec.exptime > 0) else 0
     cr_pix, cr_e = cosmic_rays((ny, nx), n_cr, r)
     exp = Exposure(spec.exptime, spec.filt if spec.kind == "flat" else None, signal, cr_pix, cr_e, offset)

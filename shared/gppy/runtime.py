@@ -250,13 +250,31 @@ class StageService:
             sub = self._subs.get(lane)
             if sub is None:
                 continue
-            try:
-                msgs = await sub.fetch(batch=1, timeout=timeout)
-            except (TimeoutError, NatsTimeout):
-                continue
-            if msgs:
-                return msgs[0]
+            msg = await self._fetch_from(sub, timeout)
+            if msg is None and lane == "too" and await self._lane_pending(sub):
+                # a short wait can time out on a loaded host although a ToO message waits:
+                # the consumer's pending count says so, and then the ToO lane is waited for
+                msg = await self._fetch_from(sub, 2.0)
+            if msg is not None:
+                return msg
         return None
+
+    @staticmethod
+    async def _fetch_from(sub, timeout: float):
+        try:
+            msgs = await sub.fetch(batch=1, timeout=timeout)
+        except (TimeoutError, NatsTimeout):
+            return None
+        return msgs[0] if msgs else None
+
+    @staticmethod
+    async def _lane_pending(sub) -> bool:
+        """Whether the lane's consumer still has messages to deliver (False if unknown)."""
+        try:
+            info = await sub.consumer_info()
+        except Exception:  # noqa: BLE001 - an unknown count only costs the priority of this poll
+            return False
+        return bool(info.num_pending)
 
     async def run_consumers(self) -> None:
         sem = asyncio.Semaphore(max(1, self.settings.concurrency))

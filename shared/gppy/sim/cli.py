@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -35,12 +36,16 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="no bias/dark/flat frames; write an archive of earlier masters instead")
     p.add_argument("--no-transients", action="store_true", help="inject no transients")
     p.add_argument("--no-references", action="store_true", help="write no reference catalogue or images")
+    p.add_argument("--no-extras", action="store_true",
+                   help="only the 3 x 100 s visits (no 3 x 300 s visit of the first target, no 45 s frame of the "
+                        "last): targets x filters x 3 science frames")
     p.add_argument("--archive-nights", nargs="*", default=None,
                    help="earlier nights (YYYY-MM-DD) whose masters go into the master archive")
     p.add_argument("--star-density", type=float, default=55000.0,
                    help="stars per square degree with 10 < G < 21.5 (default 55000)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="processes writing frames in parallel (the output does not depend on it)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes writing frames in parallel (default: the usable cores, at most 8; the "
+                        "output does not depend on it)")
     p.add_argument("--quiet", action="store_true", help="do not list the files written")
     p.set_defaults(func=run)
     return p
@@ -51,10 +56,21 @@ def run(args: argparse.Namespace) -> int:
     from gppy.sim.night import simulate
 
     t0 = time.time()
+    workers = args.workers if args.workers else default_workers()
     path = simulate(Path(args.outdir), unit=args.unit, night=args.night, size=args.size, full=args.full,
                     targets=args.targets, filters=args.filters, seed=args.seed, calib=not args.no_calib,
                     transients=not args.no_transients, references=not args.no_references,
-                    archive_nights=args.archive_nights, star_density=args.star_density, workers=args.workers,
+                    archive_nights=args.archive_nights, star_density=args.star_density, workers=workers,
+                    extras=not args.no_extras,
                     progress=None if args.quiet else print)
     print(f"simulated night written in {time.time() - t0:.1f} s; configuration: {path}")
     return 0
+
+
+def default_workers() -> int:
+    """Usable cores of this process (CPU affinity), at most 8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))

@@ -167,9 +167,9 @@ def simulate(outdir: str | Path, unit: str = "7DT01", night: str = "2025-01-15",
     _JOB = {"plan": plan, "truths": truths, "fields": fields, "det": det, "tr_list": tr_list,
             "trail_frames": trail_frames, "seed": seed, "physics": physics, "cr_rate": cr_rate, "unit": unit,
             "night_dir": night_dir, "truth_dir": truth_dir, "say": say}
-    if physics.dust:                      # build every flat once, before any fork
-        for f in filters:
-            det.flat(f)
+    for f in filters:                     # build every flat and the fixed mask once, before any fork
+        det.flat(f)
+    det.fixed_mask()
     indices = [spec.index for spec in plan.frames]
     if workers > 1:
         import multiprocessing
@@ -294,19 +294,28 @@ def _frame_job(index: int) -> list[dict]:
 
 
 def write_csv(table: Table, dest: Path) -> Path:
-    """Write a table as CSV quickly (one format string per row), atomically."""
+    """Write a table as CSV quickly (one format string per row), atomically; the same text as
+    astropy's ``ascii.csv`` writer for the column formats used here (masked values are empty)."""
     fmts = []
+    cols = []
     for name in table.colnames:
         col = table[name]
         fmt = col.info.format
         if col.dtype.kind in "iub":
-            fmts.append("%d")
+            f = "%d"
         elif fmt:
-            fmts.append("%" + fmt.lstrip("{:").rstrip("}"))
+            f = "%" + fmt.lstrip("{:").rstrip("}")
         else:
-            fmts.append("%.10g")
+            f = "%.10g"
+        mask = np.ma.getmaskarray(col) if getattr(col, "mask", None) is not None else None
+        if mask is not None and mask.any():
+            values = np.asarray(col.data if hasattr(col, "data") else col).tolist()
+            cols.append(["" if m else f % v for v, m in zip(values, mask.tolist(), strict=True)])
+            fmts.append("%s")
+        else:
+            cols.append(np.asarray(col).tolist())
+            fmts.append(f)
     line = ",".join(fmts)
-    cols = [np.asarray(table[c]) for c in table.colnames]
     body = "\n".join(line % row for row in zip(*cols, strict=True))
     return fitsio.write_text(dest, ",".join(table.colnames) + "\n" + body + ("\n" if len(table) else ""))
 
@@ -683,8 +692,7 @@ def _write_references(out: Path, base: Path, plan: Plan, fields: list[StarField]
         r = _rng(seed, 12, k)
         tab = gaia_table(fields[k], r)
         p = base / "ref_cat" / f"gaiaxp_dr3_synphot_{tg.name}.csv"
-        with fitsio.atomic_path(p) as tmp:
-            tab.write(tmp, format="ascii.csv", overwrite=True)
+        write_csv(tab, p)
         info[p.name] = {"kind": "gaiaxp_csv", "rows": len(tab), "epoch": 2016.0}
         scamp = _write_scamp(p, night_mid, base / "ref_scamp" / f"{tg.name}.fits")
         if scamp:
@@ -714,8 +722,9 @@ def _write_references(out: Path, base: Path, plan: Plan, fields: list[StarField]
             cra, cdec = offset_radec(tg.ra, tg.dec, *shift)
             wcs = _W(cra, cdec, ((rw + 1) / 2.0, (rh + 1) / 2.0), rot, scale)
             extra = [(fr, fd, fm[filt]) for fr, fd, fm in fading if filt in fm]
-            data, weight, rinfo = reference_image(fields[k], wcs, (rw, rh), filt, 2013.0, psf,
-                                                  depth_visit + 1.5, r, extra, gap=(k == 0 and j == 0))
+            data, _, rinfo = reference_image(fields[k], wcs, (rw, rh), filt, 2013.0, psf,
+                                             depth_visit + 1.5, r, extra, gap=(k == 0 and j == 0),
+                                             with_weight=False)
             name = f"ref_PS1_{tg.name}_00000000_000000_{filt}_0.fits"
             hdr = reference_header(wcs, rinfo, tg.name, filt, "PS1-like (simulated)")
             dest = base / "ref_frame" / filt / name

@@ -62,7 +62,8 @@ def gaia_table(field: StarField, rng: np.random.Generator, gmax: float = 21.0,
 def reference_image(field: StarField, wcs: FrameWCS, size: tuple[int, int], filt: str, epoch: float,
                     psf: PSFModel, depth5: float, rng: np.random.Generator,
                     extra_sources: list[tuple[float, float, float]] | None = None,
-                    gap: bool = False, magzero: float = REF_MAGZERO) -> tuple[np.ndarray, np.ndarray, dict]:
+                    gap: bool = False, magzero: float = REF_MAGZERO,
+                    with_weight: bool = True) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Render a reference image.
 
     Parameters
@@ -73,10 +74,13 @@ def reference_image(field: StarField, wcs: FrameWCS, size: tuple[int, int], filt
         Sources present only in the reference (e.g. a source that later fades).
     gap : bool
         Blank a stripe (value 0, weight 0), like a chip gap of a survey warp.
+    with_weight : bool
+        Also return the background-only inverse-variance image (else None).
 
     Returns
     -------
     data, weight, info
+        ``data`` float32 (counts); noise drawn in float32, in bands of rows.
     """
     nx, ny = size
     img = np.zeros((ny, nx), np.float32)
@@ -94,13 +98,24 @@ def reference_image(field: StarField, wcs: FrameWCS, size: tuple[int, int], filt
     f5 = 10 ** (-0.4 * (depth5 - magzero))
     neff = float(moffat_neff(psf.fwhm_arcsec / wcs.scale_arcsec, psf.beta))
     skysig = f5 / (5.0 * np.sqrt(neff))
-    noisy = img + rng.normal(0.0, skysig, img.shape).astype(np.float32)
-    noisy += (rng.normal(0.0, 1.0, img.shape) * np.sqrt(np.maximum(img, 0) / REF_EGAIN)).astype(np.float32)
-    weight = np.full(img.shape, 1.0 / skysig ** 2, np.float32)
+    # background noise (sigma SKYSIG) + Poisson noise of the sources (EGAIN e-/count), in place
+    noisy = img
+    for r0 in range(0, ny, 256):
+        band = noisy[r0:r0 + 256]
+        src = np.maximum(band, np.float32(0.0))
+        src *= np.float32(1.0 / REF_EGAIN)
+        np.sqrt(src, out=src)
+        src *= rng.standard_normal(band.shape, dtype=np.float32)
+        band += src
+        src = rng.standard_normal(band.shape, dtype=np.float32)
+        src *= np.float32(skysig)
+        band += src
+    weight = np.full(img.shape, 1.0 / skysig ** 2, np.float32) if with_weight else None
     if gap:
         x0 = int(nx * 0.62)
         noisy[:, x0:x0 + max(8, nx // 60)] = 0.0
-        weight[:, x0:x0 + max(8, nx // 60)] = 0.0
+        if weight is not None:
+            weight[:, x0:x0 + max(8, nx // 60)] = 0.0
     info = {"magzero": magzero, "skysig_counts": float(skysig), "depth5_ab": depth5,
             "egain_e_per_count": REF_EGAIN, "epoch": epoch, "psf": psf.to_dict(),
             "scale_arcsec": wcs.scale_arcsec, "rotation_deg": wcs.rotation_deg,

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_astrometry.py [--size 1536x1024 | --full] [--frames 3]
                                                [--matcher own|scamp|both] [--keep DIR]
+    .venv/bin/python bench/bench_astrometry.py --match-only bench/data/9576x6388/astrometry
 
 Simulates one visit of one tile with the simulator (true pointing errors up to 5', rotation
 up to 2 deg, 1" of distortion at the corners), calibrates the raw frames with the simulator's
@@ -11,6 +12,12 @@ into the frame) and prints the time of each step, the number of matched stars an
 residuals against the true positions of the stars with S/N > 20. ``--matcher scamp`` lets
 SCAMP do the pattern matching instead (MATCH Y, POSITION_MAXERR / POSANGLE_MAXERR from the
 settings), for comparison. Not a test; results go in bench/RESULTS.md by hand.
+
+``--match-only DIR`` re-runs only the coarse match (no Source Extractor, no SCAMP) on the
+Source Extractor catalogues that an earlier run of ``python -m bench.run --only astrometry``
+left in DIR (its ``ready.json`` and scratch folder), with the frames' own pointing errors and
+with further ones added (header pointing moved by up to 10', detections rotated by up to
+4 deg), and checks each solution against the simulator's true star positions.
 """
 
 from __future__ import annotations
@@ -82,8 +89,71 @@ def residuals(path: Path, stars: Table) -> tuple[float, float, int]:
     return float(np.sqrt(np.mean(dra ** 2))), float(np.sqrt(np.mean(ddec ** 2))), len(st)
 
 
+def _turn(x: np.ndarray, y: np.ndarray, nx: int, ny: int, deg: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel positions (1-based) rotated by ``deg`` about the frame centre."""
+    c, s = np.cos(np.deg2rad(deg)), np.sin(np.deg2rad(deg))
+    cx, cy = (nx + 1) / 2.0, (ny + 1) / 2.0
+    return cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c
+
+
+def match_only(folder: Path, cases: int = 8, seed: int = 1) -> None:
+    """Coarse match alone on the kept catalogues of a bench run (see the module docstring)."""
+    import math
+
+    from gppy_astrometry.match import NoMatchError, coarse_match
+    from gppy_astrometry.reference import scamp_reference_path
+    from gppy_astrometry.solve import star_like
+
+    ready = json.loads((folder / "ready.json").read_text())["data"]
+    paths = PathConfig.load(ready["config"])
+    rng = np.random.default_rng(seed)
+    times, n_ok, n_all = [], 0, 0
+    for f in ready["frames"]:
+        stem = Path(f["image"]).name[:-5]
+        ldac = next(Path(paths.path_scratch).rglob(f"{stem}.ldac"))
+        with fits.open(ldac) as h:
+            cat = Table(h["LDAC_OBJECTS"].data)
+        with fits.open(scamp_reference_path(paths.path_ref_scamp, f["obj"])) as h:
+            objs = h["LDAC_OBJECTS"].data
+            ref = (np.asarray(objs["X_WORLD"], float), np.asarray(objs["Y_WORLD"], float),
+                   np.asarray(objs["MAG"], float))
+        hdr = fits.getheader(f["pristine"])
+        nx, ny = hdr["NAXIS1"], hdr["NAXIS2"]
+        stars = Table.read(f["stars"])
+        stars = stars[(stars["snr"] > 20) & (stars["saturated"] == 0)]
+        ok = star_like(cat, 10.0)
+        x, y, flux = (np.asarray(cat[c], float)[ok] for c in ("XWIN_IMAGE", "YWIN_IMAGE", "FLUX_AUTO"))
+        extra = [(0.0, 0.0, 0.0)] + [(float(rng.uniform(-7, 7)), float(rng.uniform(-7, 7)), float(rng.uniform(-4, 4)))
+                                     for _ in range(cases - 1)]
+        for de, dn, rot in extra:
+            n_all += 1
+            dec0 = hdr["DEC"] + dn / 60.0
+            ra0 = hdr["RA"] + de / 60.0 / math.cos(math.radians(dec0))
+            xr, yr = _turn(x, y, nx, ny, rot)
+            t0 = time.perf_counter()
+            try:
+                cm = coarse_match(xr, yr, flux, *ref, ra0, dec0, nx, ny, ins.PIXEL_SCALE)
+            except NoMatchError as exc:
+                print(f"{stem} +({de:+.1f}', {dn:+.1f}'), {rot:+.2f} deg: FAILED: {exc}")
+                continue
+            dt = time.perf_counter() - t0
+            times.append(dt)
+            tx, ty = _turn(np.asarray(stars["x_0based"], float) + 1, np.asarray(stars["y_0based"], float) + 1,
+                           nx, ny, rot)
+            ra, dec = WCS(cm.header).all_pix2world(tx, ty, 1)
+            sep = np.hypot((ra - stars["ra"]) * np.cos(np.deg2rad(dec)), dec - stars["dec"]) * 3600
+            good = bool(np.median(sep) < 1.0)
+            n_ok += good
+            print(f"{stem} +({de:+.1f}', {dn:+.1f}'), {rot:+.2f} deg: {'ok' if good else 'WRONG'} in {dt:.2f} s, "
+                  f"{cm.nmatch} pairs, peak {cm.significance:.0f} sigma, linear WCS vs truth: median "
+                  f"{np.median(sep):.2f}\", 95% {np.percentile(sep, 95):.2f}\"", flush=True)
+    print(f"coarse match: {n_ok}/{n_all} right; time median {statistics.median(times):.2f} s, "
+          f"max {max(times):.2f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--match-only", metavar="DIR", help="coarse match alone on a bench run's kept catalogues")
     ap.add_argument("--full", action="store_true", help="9576x6388 frames")
     ap.add_argument("--size", default="1536x1024")
     ap.add_argument("--frames", type=int, default=3, help="frames of the visit to solve (<= 3)")
@@ -91,6 +161,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--keep", help="work in this folder instead of a temporary one")
     a = ap.parse_args()
+    if a.match_only:
+        match_only(Path(a.match_only))
+        return
     size = ins.FULL_SIZE if a.full else tuple(int(v) for v in a.size.split("x"))
     tmp = None
     if a.keep:

@@ -16,9 +16,17 @@ scale is known to a fraction of a percent).
    bin), the cross-correlation of the two maps (FFT) holds, for every offset, the number
    of detection-reference pairs that it separates; the rotation and offset whose 2x2-bin
    peak stands highest above its local background win;
-3. the offset is refined from the pairs within a bin of it (1" histogram), then pairs
-   closer than a shrinking radius are fitted with an affine transform (scale, rotation,
-   shear, offset) with sigma clipping.
+3. the pairs within about a bin of that solution vote again, with 1" bins, over rotations
+   an eighth of a step apart (a fine vote in rotation and offset); each detection keeps its
+   closest reference star within 2" of the voted solution, and the pairs are fitted with an
+   affine transform (scale, rotation, shear, offset) with sigma clipping, then paired again
+   within 3" and 1.5" and refitted;
+4. the match is accepted only if the fit pairs at least a tenth of the stars the frame and
+   the reference have in common, and well over twice the pairs a random field of the same
+   density would give;
+5. the same pairs are refitted in the tangent plane at the solved centre (the plane at the
+   header pointing is rotated by the pointing error times sin(dec) from it: 2" at the
+   corners of a full frame 4.5' off in RA at dec -35) to give the TAN WCS.
 
 All the stars of both lists take part (the deeper list is cut to a few times the surface
 density of the other, brightest first), so the match does not depend on the brightest
@@ -37,6 +45,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from astropy.io import fits
+from scipy.fft import irfft2, next_fast_len, rfft2
+from scipy.spatial import cKDTree
 
 _D2R = math.pi / 180.0
 
@@ -130,8 +140,6 @@ def _search_grid(half_w: float, half_h: float, reach: float, max_rotation_deg: f
                  ) -> tuple[float, float, int, int]:
     """Half extents (arcsec) and shape (bins) of a grid holding the rotated frame shifted by
     up to ``reach`` per axis, with a sizes good for FFTs."""
-    from scipy.fft import next_fast_len
-
     sin_t = math.sin(math.radians(min(max_rotation_deg, 90.0)))
     ex = half_w + half_h * sin_t + reach + 2.0 * bin_arcsec
     ey = half_h + half_w * sin_t + reach + 2.0 * bin_arcsec
@@ -254,8 +262,6 @@ def coarse_match(x: np.ndarray, y: np.ndarray, flux: np.ndarray, ref_ra: np.ndar
     ref_v, det_v = ref_all[:n_ref], det[:n_det]
 
     # cross-correlation of the count maps over a grid of rotations
-    from scipy.fft import irfft2, rfft2
-
     fr = rfft2(_counts(ref_v, ex, ey, nbx, nby, b))
     step = _rotation_step(rc, b)
     nrot = int(math.ceil(max_rotation_deg / step))
@@ -295,9 +301,7 @@ def coarse_match(x: np.ndarray, y: np.ndarray, flux: np.ndarray, ref_ra: np.ndar
                            f"than {max_offset_arcmin:g}' or rotated by more than {max_rotation_deg:g} deg")
 
     # fine vote: the pairs within a bin (plus a rotation step at the corners) of the coarse
-    # solution vote again with 1" bins, over rotations a sixteenth of a step apart
-    from scipy.spatial import cKDTree
-
+    # solution vote again with 1" bins, over rotations an eighth of a step apart
     tree_ref = cKDTree(ref_all)
     pred = det @ _rot(ang).T + np.array([tx, ty])
     radius = b + rc * math.radians(step) + 2.0
@@ -376,8 +380,7 @@ def coarse_match(x: np.ndarray, y: np.ndarray, flux: np.ndarray, ref_ra: np.ndar
                            f"off by more than {max_offset_arcmin:g}'")
 
     # the fit holds in the tangent plane at the header pointing; the WCS is tangent at the
-    # frame centre, whose plane is rotated by up to (offset x sin(dec)) from it (2" at the
-    # corners of a full frame 4.5' off in RA at dec -35): refit the same pairs there
+    # solved centre: refit the same pairs there (step 5 of the module docstring)
     sky_ra, sky_dec = tan_deproject(dst[:, 0], dst[:, 1], ra0, dec0)
     cra, cdec = ra0, dec0
     for _ in range(2):

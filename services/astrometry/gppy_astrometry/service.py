@@ -149,8 +149,11 @@ class AstrometryService(StageService):
 
     def settings_record(self) -> dict:
         s = self.settings
+        o = options_from(s)
         return {"pixel_scale": s.pixel_scale, "maxerr": s.scamp_position_maxerr_arcmin,
-                "posangle": s.scamp_posangle_maxerr_deg, "min_stars": s.astrometry_min_stars,
+                "posangle": s.scamp_posangle_maxerr_deg,
+                "search_arcmin": max(o.max_offset_arcmin, o.coarse_offset_arcmin),
+                "search_deg": max(o.max_rotation_deg, o.coarse_rotation_deg), "min_stars": s.astrometry_min_stars,
                 "max_rms": s.astrometry_max_rms_arcsec, "degree": 3}
 
     async def handle(self, event: Event) -> list[Event]:

@@ -5,7 +5,7 @@ frame but never writes it - the service writes the solution into the frame.
 
 Steps: Source Extractor (FITS_LDAC, with the calib stage's weight map as MAP_WEIGHT and its
 bit mask as FLAG_IMAGE) -> source checks (blank frame, too few stars) -> coarse match of the
-brightest detections against the epoch-propagated reference (:mod:`gppy_astrometry.match`)
+detections against the epoch-propagated reference (:mod:`gppy_astrometry.match`)
 -> SCAMP cross-identification and TPV fit (``MATCH N``) from that linear WCS, given as an
 ``.ahead`` file -> :func:`gppy_astrometry.quality.judge` on SCAMP's XML report.
 """

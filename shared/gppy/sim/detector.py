@@ -291,22 +291,29 @@ def read_out(det: Detector, exp: Exposure, rng: np.random.Generator, band_rows: 
             z = rng.standard_normal(shape, dtype=np.float32)
             if exp.signal_adu is not None or use_dark:
                 np.maximum(e, f32(0.0), out=e)
-                small = np.flatnonzero(e < f32(POISSON_EXACT_BELOW))
-                lam_small = e.reshape(-1)[small]
-                # lam + sqrt(V - 2 a^2) z + a (z^2 - 1), V = lam + RN^2, a = lam / (6 V):
-                # mean lam, variance V, third cumulant lam (+ 8 a^3, < 0.005 e-^3)
-                v = e + rn2
-                a = e / (f32(6.0) * v)
-                v -= f32(2.0) * a * a
-                np.sqrt(v, out=v)
-                v *= z
-                e += v
-                np.multiply(z, z, out=v)
-                v -= f32(1.0)
-                v *= a
-                e += v
-                if small.size:
-                    e.reshape(-1)[small] = rng.poisson(lam_small).astype(np.float32) + rn_e * z.reshape(-1)[small]
+                is_small = e < f32(POISSON_EXACT_BELOW)
+                n_small = int(np.count_nonzero(is_small))
+                if n_small == e.size:                  # e.g. a dark frame: all exact
+                    e[...] = rng.poisson(e)
+                    z *= rn_e
+                    e += z
+                else:
+                    small = np.flatnonzero(is_small) if n_small else None
+                    lam_small = e.reshape(-1)[small] if n_small else None
+                    # lam + sqrt(V - 2 a^2) z + a (z^2 - 1), V = lam + RN^2, a = lam / (6 V):
+                    # mean lam, variance V, third cumulant lam (+ 8 a^3, < 0.005 e-^3)
+                    v = e + rn2
+                    a = e / (f32(6.0) * v)
+                    v -= f32(2.0) * a * a
+                    np.sqrt(v, out=v)
+                    v *= z
+                    e += v
+                    np.multiply(z, z, out=v)
+                    v -= f32(1.0)
+                    v *= a
+                    e += v
+                    if n_small:
+                        e.reshape(-1)[small] = rng.poisson(lam_small) + rn_e * z.reshape(-1)[small]
             else:
                 np.multiply(z, rn_e, out=e)            # bias frame: read noise only
         lo, hi = np.searchsorted(cr_pix, [r0 * nx, r1 * nx])

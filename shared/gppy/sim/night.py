@@ -21,7 +21,7 @@ from gppy.sim.detector import BAND_ROWS, Detector, Exposure, Physics, make_detec
 from gppy.sim.header import raw_header
 from gppy.sim.optics import FrameWCS, PSFModel, distortion_coefficients, moffat_neff, offset_radec
 from gppy.sim.plan import FrameSpec, Plan, make_plan
-from gppy.sim.reference import gaia_table, reference_header, reference_image
+from gppy.sim.reference import REF_MAGZERO, gaia_table, reference_header, reference_image
 from gppy.sim.render import cosmic_rays, line_strip, render_moffat
 
 STACK_MARGIN = 1.07
@@ -162,35 +162,45 @@ def simulate(outdir: str | Path, unit: str = "7DT01", night: str = "2025-01-15",
     tr_list = (_make_transients(plan, fields, truths, seed, n_transients, (nx, ny))
                if (transients and physics.transients) else [])
 
-    # raw frames (independent random streams, so any order or process gives the same bytes)
+    # raw frames, reference catalogues and images: independent random streams, so any order or
+    # process gives the same bytes; the biggest jobs (reference images) go first
+    ref_jobs = _reference_plan(plan, truths, tr_list, filters, seed, stack_size) if references else []
+    night_mid = (Time(np.mean([t.spec.t_mid.mjd for t in truths.values()]), format="mjd", scale="utc")
+                 if truths else Time(f"{night}T23:00:00", scale="utc"))
     global _JOB
     _JOB = {"plan": plan, "truths": truths, "fields": fields, "det": det, "tr_list": tr_list,
             "trail_frames": trail_frames, "seed": seed, "physics": physics, "cr_rate": cr_rate, "unit": unit,
-            "night_dir": night_dir, "truth_dir": truth_dir, "say": say}
+            "night_dir": night_dir, "truth_dir": truth_dir, "say": say, "ref_jobs": ref_jobs, "out": out,
+            "base": base, "night_mid": night_mid}
     for f in filters:                     # build every flat and the fixed mask once, before any fork
         det.flat(f)
     det.fixed_mask()
-    indices = [spec.index for spec in plan.frames]
+    order = sorted(range(len(ref_jobs)), key=lambda n: -ref_jobs[n]["size"][0] * ref_jobs[n]["size"][1])
+    jobs = ([("reference", n) for n in order] + [("catalogue", k) for k in range(len(plan.targets) if references else 0)]
+            + [("frame", spec.index) for spec in plan.frames])
     if workers > 1:
         import multiprocessing
 
-        with multiprocessing.get_context("fork").Pool(min(workers, len(indices))) as pool:
-            results = pool.map(_frame_job, indices, chunksize=1)
+        with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+            results = pool.map(_job, jobs, chunksize=1)
     else:
-        results = [_frame_job(i) for i in indices]
+        results = [_job(j) for j in jobs]
     _JOB = {}
     by_id = {t["id"]: t for t in tr_list}
-    for rows in results:
-        for row in rows:
+    done: dict[tuple[str, int], object] = dict(zip(jobs, results, strict=True))
+    for i in (spec.index for spec in plan.frames):
+        for row in done[("frame", i)]:
             by_id[row["id"]]["frames"].append({k: v for k, v in row.items() if k != "id"})
+    ref_info: dict[str, dict] = {}                  # per target: catalogues, then its images
+    for k in range(len(plan.targets) if references else 0):
+        ref_info.update(done[("catalogue", k)])
+        for n, job in enumerate(ref_jobs):
+            if job["target"] == k:
+                name, info = done[("reference", n)]
+                ref_info[name] = info
 
     # calibration truth
     _write_calib_truth(truth_dir / "calib", det, filters)
-    # reference data
-    ref_info: dict[str, dict] = {}
-    if references:
-        ref_info = _write_references(out, base, plan, fields, truths, tr_list, filters, seed, (nx, ny),
-                                     stack_size, say)
     # master archive
     if archive_nights is None and not calib:
         d = Time(f"{night}T12:00:00")
@@ -250,6 +260,16 @@ def simulate(outdir: str | Path, unit: str = "7DT01", night: str = "2025-01-15",
 # ---------------------------------------------------------------------------------------- frames
 
 _JOB: dict = {}
+
+
+def _job(key: tuple[str, int]):
+    """One job of the night (run in a worker process or in this one)."""
+    kind, n = key
+    if kind == "frame":
+        return _frame_job(n)
+    if kind == "reference":
+        return _reference_job(n)
+    return _catalogue_job(n)
 
 
 def _frame_job(index: int) -> list[dict]:
@@ -680,23 +700,17 @@ def _write_calib_truth(d: Path, det: Detector, filters: list[str]) -> None:
 # ---------------------------------------------------------------------------------- references
 
 
-def _write_references(out: Path, base: Path, plan: Plan, fields: list[StarField],
-                      truths: dict[int, FrameTruth], tr_list: list[dict], filters: list[str], seed: int,
-                      size: tuple[int, int], stack_size: tuple[int, int], say) -> dict:
+def _reference_plan(plan: Plan, truths: dict[int, FrameTruth], tr_list: list[dict], filters: list[str],
+                    seed: int, stack_size: tuple[int, int]) -> list[dict]:
+    """Everything about each reference image except its pixels (cheap, in the parent): which
+    target and filter, pixel grid, PSF, depth, sources present only in the reference. Each
+    image is then rendered by :func:`_reference_job` with its own random stream, so the images
+    can be made in any order and process."""
     from gppy.sim.optics import FrameWCS as _W
 
-    info: dict[str, dict] = {}
-    nx, ny = size
-    night_mid = Time(np.mean([t.spec.t_mid.mjd for t in truths.values()]), format="mjd", scale="utc")
+    jobs: list[dict] = []
     for k, tg in enumerate(plan.targets):
-        r = _rng(seed, 12, k)
-        tab = gaia_table(fields[k], r)
-        p = base / "ref_cat" / f"gaiaxp_dr3_synphot_{tg.name}.csv"
-        write_csv(tab, p)
-        info[p.name] = {"kind": "gaiaxp_csv", "rows": len(tab), "epoch": 2016.0}
-        scamp = _write_scamp(p, night_mid, base / "ref_scamp" / f"{tg.name}.fits")
-        if scamp:
-            info[scamp.name] = {"kind": "scamp_reference", "obstime": night_mid.isot}
+        r = _rng(seed, 15, k)
         fading = [(t["ra"], t["dec"], t["mag_reference"]) for t in tr_list
                   if t["kind"] == "fading" and t["target"] == tg.name]
         used = sorted({v.filt for v in plan.visits if v.target == k}, key=filters.index)
@@ -720,38 +734,64 @@ def _write_references(out: Path, base: Path, plan: Plan, fields: list[StarField]
             rw = int(math.ceil(((sw * c + sh * sn) * 1.04 + 2 * np.hypot(*shift)) / scale))
             rh = int(math.ceil(((sh * c + sw * sn) * 1.04 + 2 * np.hypot(*shift)) / scale))
             cra, cdec = offset_radec(tg.ra, tg.dec, *shift)
-            wcs = _W(cra, cdec, ((rw + 1) / 2.0, (rh + 1) / 2.0), rot, scale)
             extra = [(fr, fd, fm[filt]) for fr, fd, fm in fading if filt in fm]
-            data, _, rinfo = reference_image(fields[k], wcs, (rw, rh), filt, 2013.0, psf,
-                                             depth_visit + 1.5, r, extra, gap=(k == 0 and j == 0),
-                                             with_weight=False)
-            name = f"ref_PS1_{tg.name}_00000000_000000_{filt}_0.fits"
-            hdr = reference_header(wcs, rinfo, tg.name, filt, "PS1-like (simulated)")
-            dest = base / "ref_frame" / filt / name
-            fitsio.write_fits(dest, data, hdr)
-            rinfo["sharper_than_science"] = sharp
-            rinfo["fading_sources"] = extra
-            info[name] = rinfo
-            fitsio.write_text(out / "truth" / "refs" / f"{naming.stem(name)}.json", json.dumps(rinfo, indent=1))
-            say(name)
+            jobs.append({"kind": "PS1", "target": k, "index": j, "filt": filt,
+                         "name": f"ref_PS1_{tg.name}_00000000_000000_{filt}_0.fits",
+                         "wcs": _W(cra, cdec, ((rw + 1) / 2.0, (rh + 1) / 2.0), rot, scale), "size": (rw, rh),
+                         "epoch": 2013.0, "psf": psf, "depth": depth_visit + 1.5, "extra": extra,
+                         "gap": k == 0 and j == 0, "magzero": REF_MAGZERO, "sharp": sharp})
             if k == 0:
                 # a 7DT reference exactly on the tile grid
                 w7 = _W(tg.ra, tg.dec, ((stack_size[0] + 1) / 2.0, (stack_size[1] + 1) / 2.0), 0.0, ins.PIXEL_SCALE)
                 psf7 = PSFModel(float(r.uniform(2.0, 2.6)), 3.5, 0.05, 0.02, 0.0, 0.02)
                 zp7 = ft.zp - 2.5 * math.log10(ft.spec.exptime) + 2.5 * math.log10(2100.0)
-                d7, w7map, i7 = reference_image(fields[k], w7, stack_size, filt, 2024.88, psf7,
-                                                depth_visit + 1.2, r, extra, magzero=zp7)
-                n7 = f"ref_7DT_{tg.name}_20241117_190933_{filt}_2100.com.fits"
-                h7 = reference_header(w7, i7, tg.name, filt, "7DT deep stack (simulated)", exptime=2100.0)
-                h7["EGAIN"] = (ins.EGAIN * 21 * 2 / 3, "[e-/ADU] effective gain of the stack")
-                i7["egain_e_per_count"] = h7["EGAIN"]
-                dest = base / "ref_frame" / filt / n7
-                fitsio.write_fits(dest, d7, h7)
-                fitsio.write_fits(naming.weight_of(dest), w7map, h7)
-                i7["fading_sources"] = extra
-                info[n7] = i7
-                fitsio.write_text(out / "truth" / "refs" / f"{naming.stem(n7)}.json", json.dumps(i7, indent=1))
-                say(n7)
+                jobs.append({"kind": "7DT", "target": k, "index": j, "filt": filt,
+                             "name": f"ref_7DT_{tg.name}_20241117_190933_{filt}_2100.com.fits",
+                             "wcs": w7, "size": stack_size, "epoch": 2024.88, "psf": psf7,
+                             "depth": depth_visit + 1.2, "extra": extra, "gap": False, "magzero": zp7})
+    return jobs
+
+
+def _reference_job(n: int) -> tuple[str, dict]:
+    """Render and write reference image ``n`` of the plan and its truth JSON."""
+    c = _JOB
+    job = c["ref_jobs"][n]
+    t0 = time.time()
+    k, filt = job["target"], job["filt"]
+    tg = c["plan"].targets[k]
+    r = _rng(c["seed"], 16 if job["kind"] == "PS1" else 17, k, job["index"])
+    dest = c["base"] / "ref_frame" / filt / job["name"]
+    data, weight, rinfo = reference_image(c["fields"][k], job["wcs"], job["size"], filt, job["epoch"], job["psf"],
+                                          job["depth"], r, job["extra"], gap=job["gap"], magzero=job["magzero"],
+                                          with_weight=job["kind"] == "7DT")
+    if job["kind"] == "PS1":
+        hdr = reference_header(job["wcs"], rinfo, tg.name, filt, "PS1-like (simulated)")
+        fitsio.write_fits(dest, data, hdr)
+        rinfo["sharper_than_science"] = job["sharp"]
+    else:
+        hdr = reference_header(job["wcs"], rinfo, tg.name, filt, "7DT deep stack (simulated)", exptime=2100.0)
+        hdr["EGAIN"] = (ins.EGAIN * 21 * 2 / 3, "[e-/ADU] effective gain of the stack")
+        rinfo["egain_e_per_count"] = hdr["EGAIN"]
+        fitsio.write_fits(dest, data, hdr)
+        fitsio.write_fits(naming.weight_of(dest), weight, hdr)
+    rinfo["fading_sources"] = job["extra"]
+    fitsio.write_text(c["out"] / "truth" / "refs" / f"{naming.stem(job['name'])}.json", json.dumps(rinfo, indent=1))
+    c["say"](f"{job['name']} ({time.time() - t0:.1f} s)")
+    return job["name"], rinfo
+
+
+def _catalogue_job(k: int) -> dict[str, dict]:
+    """The Gaia-XP-like CSV of target ``k`` and its SCAMP reference; their entries for night.json."""
+    c = _JOB
+    tg = c["plan"].targets[k]
+    tab = gaia_table(c["fields"][k], _rng(c["seed"], 12, k))
+    p = c["base"] / "ref_cat" / f"gaiaxp_dr3_synphot_{tg.name}.csv"
+    write_csv(tab, p)
+    info = {p.name: {"kind": "gaiaxp_csv", "rows": len(tab), "epoch": 2016.0}}
+    scamp = _write_scamp(p, c["night_mid"], c["base"] / "ref_scamp" / f"{tg.name}.fits")
+    if scamp:
+        info[scamp.name] = {"kind": "scamp_reference", "obstime": c["night_mid"].isot}
+    c["say"](p.name)
     return info
 
 
@@ -792,7 +832,7 @@ def write_master_archive(mframe: Path, unit: str, det: Detector, nights: Sequenc
         h["DATE-OBS"] = t.isot
         h["NCOMBINE"] = n_combined
         h["EXPTIME"] = 0.0
-        bias = det.bias + float(r.normal(0, 0.5)) + r.normal(0, noise, det.shape).astype(np.float32)
+        bias = det.bias + np.float32(r.normal(0, 0.5)) + r.standard_normal(det.shape, dtype=np.float32) * np.float32(noise)
         out.append(fitsio.write_fits(naming.master_zero(mframe, unit, ymd), bias.astype(np.float32), h))
         for e in dark_exptimes:
             h = fits.Header()
@@ -801,7 +841,9 @@ def write_master_archive(mframe: Path, unit: str, det: Detector, nights: Sequenc
             h["EXPTIME"] = float(e)
             h["NCOMBINE"] = n_combined
             dk = det.dark * e / det.gain
-            dk = dk + r.normal(0, 1, det.shape) * np.sqrt(dk / det.gain + det.read_noise_adu ** 2 * 2) / math.sqrt(n_combined)
+            dk = dk + (r.standard_normal(det.shape, dtype=np.float32)
+                       * np.sqrt(dk / np.float32(det.gain) + np.float32(det.read_noise_adu ** 2 * 2))
+                       / np.float32(math.sqrt(n_combined)))
             out.append(fitsio.write_fits(naming.master_dark(mframe, unit, e, ymd), dk.astype(np.float32), h))
         for f in filters:
             h = fits.Header()
@@ -810,7 +852,8 @@ def write_master_archive(mframe: Path, unit: str, det: Detector, nights: Sequenc
             h["FILTER"] = f
             h["NCOMBINE"] = n_combined
             fl = det.flat(f)
-            fl = fl * (1 + r.normal(0, 1, det.shape) / math.sqrt(25000 * det.gain * n_combined)).astype(np.float32)
+            fl = fl * (1 + r.standard_normal(det.shape, dtype=np.float32)
+                       / np.float32(math.sqrt(25000 * det.gain * n_combined)))
             fl = fl / np.median(fl)
             out.append(fitsio.write_fits(naming.master_flat(mframe, unit, f, ymd), fl.astype(np.float32), h))
     return out

@@ -172,9 +172,11 @@ def simulate(outdir: str | Path, unit: str = "7DT01", night: str = "2025-01-15",
             "trail_frames": trail_frames, "seed": seed, "physics": physics, "cr_rate": cr_rate, "unit": unit,
             "night_dir": night_dir, "truth_dir": truth_dir, "say": say, "ref_jobs": ref_jobs, "out": out,
             "base": base, "night_mid": night_mid}
-    for f in filters:                     # build every flat and the fixed mask once, before any fork
-        det.flat(f)
-    det.fixed_mask()
+    # every flat and the fixed mask once, before any fork (NumPy releases the GIL: threads)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        list(ex.map(lambda f: det.flat(f) if f else det.fixed_mask(), [*filters, None]))
     order = sorted(range(len(ref_jobs)), key=lambda n: -ref_jobs[n]["size"][0] * ref_jobs[n]["size"][1])
     jobs = ([("reference", n) for n in order] + [("catalogue", k) for k in range(len(plan.targets) if references else 0)]
             + [("frame", spec.index) for spec in plan.frames])

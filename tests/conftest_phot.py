@@ -145,3 +145,245 @@ def calibrate_sim_frame(raw_path: Path, truth_dir: Path, out_dir: Path, saturate
     fits.writeto(wpath, weight, overwrite=True)
     fits.writeto(mpath, mask, overwrite=True)
     return path, wpath, mpath, truth
+
+
+# ------------------------------------------------------------------ simulated nights, stack -> difference
+def _load_conftest(name: str):
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_sim_night(root: Path, seed: int, size: tuple[int, int] = (1280, 900), targets: int = 2,
+                  filters: tuple[str, ...] = ("m650",), n_transients: int = 8, star_density: float = 55000.0,
+                  extras: bool = True) -> tuple[Path, list[dict]]:
+    """A simulated night (gppy.sim, with its transients and references) through the pipeline's
+    own science from the calibrated singles on: photometry of every single, the stack of
+    every visit (the stack stage's ``build_visit_stack``), photometry of the stack, the
+    difference against the simulator's reference (the subtract stage's ``subtract_files``,
+    native engine) and the transient search of the phot stage (``difference_products``).
+
+    The calib and astrometry stages are stood in for by the truth (true bias, dark, flat, mask
+    and TPV WCS: ``conftest_stack.calibrate_sim_night``), so that what is measured here is the
+    photometry, stacking, subtraction and transient search.
+
+    Returns the path.json and, per visit, a dict with the visit, the stack, the
+    ``DifferenceDone`` event and the ``phot.done`` figures of the difference.
+    """
+    import json
+
+    from gppy.config import load_settings
+    from gppy.messages import DifferenceDone
+    from gppy.sim import simulate
+    from gppy_phot.photometry import PhotParams
+    from gppy_phot.service import photometry_products, transient_params
+    from gppy_phot.transient_products import difference_products
+    from gppy_stack.service import StackService
+    from gppy_subtract import reference as sref
+    from gppy_subtract.engine import EngineError
+    from gppy_subtract.service import SubtractService
+
+    cs = _load_conftest("conftest_stack")
+    pj = Path(simulate(root, targets=targets, filters=list(filters), size=size, seed=seed, calib=False,
+                       n_transients=n_transients, star_density=star_density, extras=extras))
+    settings = load_settings(config=str(pj), log_json=False)
+    paths = settings.paths()
+    processed, refcat = Path(paths.path_processed), Path(paths.path_refcat)
+    scratch = Path(paths.path_scratch) / "phot"
+    frames = cs.calibrate_sim_night(pj)
+    night = json.loads((pj.parent / "truth" / "night.json").read_text())
+    truth = pj.parent / "truth"
+    bias = fits.getdata(truth / "calib" / "bias.fits").astype(np.float64)
+    dark = fits.getdata(truth / "calib" / "dark_current.fits").astype(np.float64)
+    for f in frames:
+        # the saturation of the calibrated frame over its good pixels (as the calib stage
+        # computes it): the stand-in's minimum over every pixel reaches the hot pixels of a
+        # 300-s dark and goes negative
+        flat = fits.getdata(truth / "calib" / f"flat_{f.header['FILTER']}.fits").astype(np.float64)
+        mpath = f.calib.with_name(f.calib.name[:-5] + ".mask.fits")
+        good = fits.getdata(mpath) == 0
+        sat = (65535.0 - bias - f.truth["bias_offset_adu"] - dark * f.header["EXPTIME"] / f.truth["gain_e_per_adu"]) / flat
+        f.header["SATURATE"] = (float(np.min(sat[good])), "calibrated ADU")
+        with fits.open(f.calib, mode="update") as hd:
+            hd[0].header["SATURATE"] = f.header["SATURATE"]
+    params = PhotParams()
+    for f in frames:
+        h = f.header
+        photometry_products(f.calib, f.calib.with_name(f.calib.name[:-5] + ".weight.fits"),
+                            f.calib.with_name(f.calib.name[:-5] + ".mask.fits"), h["OBJECT"], h["FILTER"],
+                            h["TELESCOP"], processed, refcat, scratch, params, "single")
+    stack_svc = StackService(settings)
+    sub_svc = SubtractService(settings)
+    out = []
+    for v in night["visits"]:
+        fs = [f for f in frames if f.visit == v["index"]]
+        unit = str(fs[0].header["TELESCOP"])
+        record = {"unit": unit, "object": v["target"], "filter": v["filter"], "night_dir": night["night_dir"],
+                  "visit": f"sim{v['index']}"}
+        res = stack_svc.build_visit_stack(record, [str(f.calib) for f in fs])
+        photometry_products(res.path, res.weight_path, res.mask_path, v["target"], v["filter"], unit, processed,
+                            refcat, scratch, params, "stack")
+        ref = sref.find_reference(Path(paths.ref_frame), v["target"], v["filter"])
+        try:
+            prods = sub_svc.subtract_files(res.path, ref, v["filter"], "native")
+        except EngineError as exc:      # the service answers diff.done ok=False: nothing to search
+            out.append({"visit": v, "frames": fs, "stack": res, "event": None, "error": str(exc)})
+            continue
+        ev = DifferenceDone(night_id=f"sim{seed}", unit=unit, science_path=str(res.path), object=v["target"],
+                            filter=v["filter"], path=str(prods["diff"]), noise_path=str(prods["noise"]),
+                            mask_path=str(prods["mask"]), conv_path=str(prods["conv"]), reference_path=str(ref))
+        figures = difference_products(ev, processed, scratch, params, transient_params(settings))
+        out.append({"visit": v, "frames": fs, "stack": res, "event": ev, "figures": figures})
+    return pj, out
+
+
+def truth_psf_snr(diff: np.ndarray, noise: np.ndarray, mask: np.ndarray, x: np.ndarray, y: np.ndarray,
+                  flux: np.ndarray, fwhm_px: float, beta: float, nrand: int = 1500, seed: int = 1
+                  ) -> tuple[np.ndarray, float]:
+    """S/N of injected point sources of known total ``flux`` (difference units) at 0-based
+    (x, y) for PSF-optimal photometry on the difference: ``flux / err`` with
+    ``err = scale / sqrt(sum P^2 / s^2)`` over the unmasked pixels within 2 FWHM (P the
+    circular Moffat of ``fwhm_px``, ``beta``; s the noise image). ``scale`` is the robust
+    scatter of ``sum(P D / s^2) / sum(P^2 / s^2) / err`` at ``nrand`` random unmasked places of
+    the difference (the noise image's correlation, measured on the image itself, not taken
+    from the pipeline).
+
+    Returns the S/N array and ``scale``.
+    """
+    ny, nx = diff.shape
+    half = int(np.ceil(2 * fwhm_px)) + 1
+    yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
+    alpha = fwhm_px / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    bad = (mask != 0) | ~np.isfinite(noise) | (noise <= 0) | ~np.isfinite(diff)
+
+    def fit(xc, yc):
+        i0, j0 = int(round(yc)), int(round(xc))
+        if i0 - half < 0 or j0 - half < 0 or i0 + half >= ny or j0 + half >= nx:
+            return np.nan, np.nan
+        sl = (slice(i0 - half, i0 + half + 1), slice(j0 - half, j0 + half + 1))
+        dx, dy = xx + j0 - xc, yy + i0 - yc
+        r2 = dx**2 + dy**2
+        p = (beta - 1.0) / (np.pi * alpha**2) * (1.0 + r2 / alpha**2) ** (-beta)
+        use = (r2 <= (2 * fwhm_px) ** 2) & ~bad[sl]
+        s = np.where(use, noise[sl], 1.0)
+        a = float(np.sum(np.where(use, p * p / s**2, 0.0)))
+        if a <= 0:
+            return np.nan, np.nan
+        b = float(np.sum(np.where(use, p * diff[sl] / s**2, 0.0)))
+        return b / a, 1.0 / np.sqrt(a)
+
+    rng = np.random.default_rng(seed)
+    zs = []
+    while len(zs) < nrand:
+        xc, yc = rng.uniform(half, nx - half - 1), rng.uniform(half, ny - half - 1)
+        if bad[int(round(yc)), int(round(xc))]:
+            continue
+        f, e = fit(xc, yc)
+        if np.isfinite(f):
+            zs.append(f / e)
+    zs = np.asarray(zs)
+    scale = float(1.4826 * np.median(np.abs(zs - np.median(zs))))
+    snr = np.full(len(x), np.nan)
+    for k, (xc, yc, fl) in enumerate(zip(x, y, flux, strict=True)):
+        f, e = fit(xc, yc)
+        snr[k] = fl / (e * scale) if np.isfinite(e) else np.nan
+    return snr, scale
+
+
+def evaluate_difference(entry: dict, truth_dir: Path, match_arcsec: float = 1.5) -> dict:
+    """Candidates of one difference of :func:`run_sim_night` against the simulator's truth.
+
+    For each injected transient of the visit's target on the difference: its flux in the
+    difference (science-stack units, from the true magnitudes and the stack's ``ZP_TOT``; the
+    fading source: science minus reference flux), its S/N for PSF-optimal photometry from that
+    flux and the difference's noise at its place (:func:`truth_psf_snr`, PSF of the image that
+    was not convolved), whether a candidate lies within ``match_arcsec`` (``found``), whether
+    any detection does (``detected``, to tell detection from vetting losses) and the label.
+    The moving object is matched to its position at the visit's mean time.
+
+    Returns ``{"rows": [...], "false": Table of unmatched candidates, "area_px": unmasked
+    pixels of the difference, "scale": noise scale}``.
+    """
+    import json
+
+    from astropy.table import Table
+    from astropy.time import Time
+    from astropy.wcs import WCS
+
+    ev = entry["event"]
+    diff = fits.getdata(ev.path).astype(np.float64)
+    dh = fits.getheader(ev.path)
+    noise = fits.getdata(ev.noise_path).astype(np.float64)
+    mask = fits.getdata(ev.mask_path)
+    sh = fits.getheader(ev.science_path)
+    cat = Table.read(Path(ev.path).with_name(Path(ev.path).name[:-5] + ".transient.cat"), format="ascii.ecsv")
+    wcs = WCS(dh, naxis=2)
+    pixscale = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600)
+    filt = ev.filter
+    zp = float(sh["ZP_TOT"])
+    if str(dh.get("SUBCONV", "REFERENCE")).strip().upper() == "SCIENCE":
+        rt = json.loads((truth_dir / "refs" / f"{Path(ev.reference_path).name[:-5]}.json").read_text())
+        psf = rt["psf"] if isinstance(rt.get("psf"), dict) else {}
+        fwhm_px = float(psf.get("fwhm_arcsec", rt.get("seeing_arcsec", 3.0))) / pixscale
+        beta = float(psf.get("beta", 3.0))
+    else:
+        fwhm_px = float(sh["SEEING"]) / pixscale
+        beta = float(sh.get("COGBETA", 3.5))
+    inj = json.loads((truth_dir / "transients.json").read_text())
+    items = list(inj.values()) if isinstance(inj, dict) else list(inj)
+    frames = {f.raw.name for f in entry["frames"]}
+    tmid = np.mean([Time(f.header["DATE-OBS"], scale="utc").mjd + f.header["EXPTIME"] / 2 / 86400
+                    for f in entry["frames"]])
+    rows = []
+    ny, nx = diff.shape
+    for tr in items:
+        if tr.get("target") != ev.object or filt not in tr.get("mag", {}):
+            continue
+        rows_f = [r for r in tr["frames"] if r["file"] in frames]
+        if not rows_f:
+            continue
+        if tr["kind"] == "moving":
+            ts = np.array([Time(r["t_mid"], scale="utc").mjd for r in rows_f])
+            ra = float(np.polyval(np.polyfit(ts - tmid, [r["ra"] for r in rows_f], 1), 0)) if len(ts) > 1 \
+                else rows_f[0]["ra"]
+            dec = float(np.polyval(np.polyfit(ts - tmid, [r["dec"] for r in rows_f], 1), 0)) if len(ts) > 1 \
+                else rows_f[0]["dec"]
+        else:
+            ra, dec = tr["ra"], tr["dec"]
+        x, y = wcs.all_world2pix(ra, dec, 0)
+        if not (0 <= x <= nx - 1 and 0 <= y <= ny - 1):
+            continue
+        flux = 10 ** (-0.4 * (tr["mag"][filt] - zp))
+        if tr["kind"] == "fading":
+            flux -= 10 ** (-0.4 * (tr["mag_reference"][filt] - zp))
+        rows.append({"id": tr["id"], "kind": tr["kind"], "ra": ra, "dec": dec, "x": float(x), "y": float(y),
+                     "flux": float(flux), "mag": tr["mag"][filt]})
+    snr, scale = truth_psf_snr(diff, noise, mask, np.array([r["x"] for r in rows]), np.array([r["y"] for r in rows]),
+                               np.array([r["flux"] for r in rows]), fwhm_px, beta)
+    cra = np.asarray(cat["ALPHA_J2000"], float)
+    cdec = np.asarray(cat["DELTA_J2000"], float)
+    cand = np.asarray(cat["candidate"], bool)
+    used = np.zeros(len(cat), bool)
+    for r, s in zip(rows, snr, strict=True):
+        r["snr"] = float(abs(s))
+        d = np.hypot((cra - r["ra"]) * np.cos(np.radians(r["dec"])), cdec - r["dec"]) * 3600 if len(cat) else np.zeros(0)
+        near = d < (3 * match_arcsec if r["kind"] == "moving" else match_arcsec)
+        r["detected"] = bool(near.any())
+        r["found"] = bool((near & cand).any())
+        k = int(np.flatnonzero(near & cand)[np.argmin(d[near & cand])]) if r["found"] else \
+            (int(np.flatnonzero(near)[np.argmin(d[near])]) if r["detected"] else -1)
+        r["row"] = k
+        r["label"] = str(cat["label"][k]) if k >= 0 else ""
+        used |= near
+        r["masked_frac"] = float(np.mean(mask[max(int(r["y"]) - 3, 0):int(r["y"]) + 4,
+                                              max(int(r["x"]) - 3, 0):int(r["x"]) + 4] != 0))
+    false = cat[cand & ~used]
+    return {"rows": rows, "false": false, "cat": cat, "area_px": int(np.sum(mask == 0)), "scale": scale,
+            "fwhm_px": fwhm_px, "shape": diff.shape, "subconv": str(dh.get("SUBCONV", ""))}

@@ -32,6 +32,7 @@ from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from gppy.fitsio import BadInputError, atomic_path, read_header, read_image, write_fits, write_text
+from gppy.masks import MaskBit
 from gppy.naming import ProductDirs, stem, weight_of
 from gppy_phot import catalog, cutouts, realbogus, regions, sextractor, transients, zeropoint
 from gppy_phot.apertures import SUFFIXES, ZP_KEYS, aperture_set
@@ -39,6 +40,8 @@ from gppy_phot.photometry import PhotParams
 
 log = logging.getLogger(__name__)
 
+#: Largest fraction of a detection's PSF information (sum P^2) on masked pixels (flag_masked).
+MAX_MASKED_PSF_FRACTION = 0.3
 #: Value given to masked pixels of the noise image handed to Source Extractor (ignored there).
 BAD_RMS = 1e30
 
@@ -195,14 +198,21 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
         fr_rand = transients.forced_aperture(diff, rx_, ry_, r1, sigma=sig_img, bad=bad)
         ap_scale = transients.noise_scale(fr_rand.flux / fr_rand.err)
     # Source Extractor detects with the noise at the PSF scale (its threshold is on the image
-    # filtered with the PSF)
-    rms = np.where(bad, BAD_RMS, noise * psf_scale).astype(np.float32)
+    # filtered with the PSF). Masked pixels reach it as noise-free background (value 0, the
+    # typical noise in the RMS map) and through the flag image: pixels beyond a weight
+    # threshold would be bad pixels to it, and a source whose filter footprint touches a
+    # single one (a cosmic ray or bad column of the stack, a pixel of the reference's mask)
+    # would not be detected at all.
+    sub_sig = sig_img[::4, ::4]
+    typical = float(np.nanmedian(sub_sig)) * psf_scale if np.isfinite(sub_sig).any() else 1.0
+    rms = np.where(bad, typical, noise * psf_scale).astype(np.float32)
     rms_path = write_fits(workdir / "rms.fits", rms)
     del rms
     flag_path = sextractor.write_flag_image(bad.astype(np.uint16) if mask is None else (mask | bad.astype(np.uint16)),
                                             workdir / "flag.fits")
+    pos_path = write_fits(workdir / "pos.fits", np.where(bad, 0.0, diff).astype(np.float32), header)
     neg_path = write_fits(workdir / "neg.fits", np.where(bad, 0.0, -diff).astype(np.float32), header)
-    pos, neg = sextractor.run_many([_se_job(diff_path, workdir, "pos", info, aps, rms_path, flag_path, p, tp),
+    pos, neg = sextractor.run_many([_se_job(pos_path, workdir, "pos", info, aps, rms_path, flag_path, p, tp),
                                     _se_job(neg_path, workdir, "neg", info, aps, rms_path, flag_path, p, tp)],
                                    sextractor.usable_cpus())
     phot = calibrate_table(pos.table, info.filt, info.zps)
@@ -290,13 +300,43 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
                                               info.peeing, info.beta, psf_scale)
         near = transients.nearby_flux(x, y, sx_, sy_, sf_, info.peeing, info.beta)
     snr_stat = psf_pos.snr / psf_scale * sign
-    snr_psf = transients.effective_snr(psf_pos.flux * sign, psf_pos.err * psf_scale,
-                                       fr.flux if fr is not None else None, level, near, wing)
+    # the residual of a star's core (a fraction ``level`` of its flux) counts for detections on
+    # a star; beside stars, the residual structure of the difference around each detection
+    # (rings at 2 and 3 FWHM, away from the stars' cores) and the stars' wing residual count
+    on_star = np.zeros(n, bool)
+    avoid = None
+    if stars is not None and len(stars[0]) and n:
+        from scipy.spatial import cKDTree
+
+        dstar, _ = cKDTree(np.column_stack([stars[0], stars[1]])).query(np.column_stack([x, y]), k=1)
+        on_star = dstar < info.peeing
+        avoid = (stars[0], stars[1])
+    local, local_chi = transients.local_residual(diff, sig_img, bad, x, y, info.peeing, info.beta, psf_scale,
+                                                 avoid=avoid)
+    ref_core = np.where(on_star, fr.flux, 0.0) if fr is not None else None
+    ring_mean = ring_scatter = np.zeros(n)
+    if stars is not None and len(stars[0]) and n:
+        # beside a star: the star's own residual at that distance (from the other azimuths)
+        # is taken off the detection's flux, and its azimuthal scatter counts as noise
+        ring_mean, ring_scatter, _ = transients.star_ring_residual(diff, sig_img, bad, x, y, *stars, info.peeing,
+                                                                   info.beta, psf_scale)
+    snr_psf = transients.effective_snr((psf_pos.flux - ring_mean) * sign, psf_pos.err * psf_scale, ref_core, level,
+                                       near, wing, np.hypot(local, ring_scatter))
     with np.errstate(invalid="ignore", divide="ignore"):
         zsig = diff / sig_img
     dipole = transients.box_fraction(zsig, x, y, int(np.ceil(info.peeing)), 1.0, sign) if n else np.zeros(0)
+    lobe_ratio, lobe_snr = transients.opposite_lobe(diff, sig_img, bad, x, y, sign, psf_pos.flux, info.peeing,
+                                                    info.beta, psf_scale)
+    # v1 rules 11 and 13 (masked or null pixels near the detection): a detection is lost to the
+    # mask when much of its PSF lies on masked or null pixels, or when a saturated pixel (a star's
+    # core, whose residuals no mask growth contains) is near; a single masked pixel (a cosmic ray
+    # or bad column of the stack) beside a source does not make it bogus
     zero_or_bad = bad | (diff == 0)
-    masked = transients.any_in_radius(zero_or_bad, x, y, max(5.0, info.peeing)) if n else np.zeros(0, bool)
+    masked_frac = transients.masked_psf_fraction(zero_or_bad, x, y, info.peeing, info.beta)
+    masked = masked_frac > MAX_MASKED_PSF_FRACTION
+    if mask is not None and n:
+        saturated = (mask & int(MaskBit.SATURATED | MaskBit.NONFINITE)) != 0
+        masked |= transients.any_in_radius(saturated, x, y, max(5.0, info.peeing))
     if ref_footprint is not None and n:
         rw, (rny, rnx) = ref_footprint
         rx, ry = rw.all_world2pix(np.asarray(det["ALPHA_J2000"]), np.asarray(det["DELTA_J2000"]), 0)
@@ -330,7 +370,7 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
     meas = {"x": x, "y": y, "sign": sign, "snr_psf": snr_psf, "ELLIPTICITY": np.asarray(det["ELLIPTICITY"], float),
             "FWHM_IMAGE": np.asarray(det["FWHM_IMAGE"], float), "FLAGS": np.asarray(det["FLAGS"]),
             "BACKGROUND": np.asarray(det["BACKGROUND"], float), "sigma_local": local_sig, "conc": conc,
-            "conc_err": conc_err, "dipole_frac": dipole, "masked": masked, "in_footprint": in_fp,
+            "conc_err": conc_err, "dipole_frac": dipole, "lobe_ratio": lobe_ratio, "lobe_snr": lobe_snr, "masked": masked, "in_footprint": in_fp,
             "ref_min_sig": ref_min}
     # the 10" aperture of a detection beside a star holds the star's residual: no
     # concentration test there
@@ -390,7 +430,14 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
         out["ratio_ellipticity"] = meas["ELLIPTICITY"] / max(info.ellip, 1e-3)
         out["ratio_elongation"] = np.asarray(det["ELONGATION"], float) / max(info.elong, 1.0) if n else np.zeros(0)
     out["n_bad"] = fd.nbad
+    out["masked_psf_frac"] = masked_frac
+    out["local_resid"] = local
+    out["local_chi"] = local_chi
+    out["star_ring_flux"] = ring_mean * sign
+    out["star_ring_scatter"] = ring_scatter
     out["dipole_frac"] = dipole
+    out["lobe_ratio"] = lobe_ratio
+    out["lobe_snr"] = lobe_snr
     out["psf_chi2"] = psf_pos.chi2
     out["sharpness"] = psf_pos.sharpness * sign
     out["ref_min_sig"] = ref_min

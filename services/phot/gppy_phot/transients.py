@@ -39,8 +39,10 @@ FLAG_DOC = {
     "flag_background": "8: |BACKGROUND| > 2 x the local noise (v1: > 50 counts)",
     "flag_concentration": "9: 3\"/10\" concentration off the stars' by > max(10 MAD, 0.25 mag, 5 sigma) "
                           "(not tested within 10\" + FWHM of a star)",
-    "flag_dipole": "10: > 30 % of the pixels within +-PEEING beyond 1 sigma of the opposite sign",
-    "flag_masked": "11, 13: a masked, null or zero pixel within max(5 px, PEEING)",
+    "flag_dipole": "10: > 30 % of the pixels within +-PEEING beyond 1 sigma of the opposite sign, or a lobe of "
+                   "the opposite sign within 1.5 FWHM at least half as strong as the detection and beyond 3 sigma",
+    "flag_masked": "11, 13: more than 30 % of the PSF information (sum P^2 within 2 FWHM) on masked or null "
+                   "pixels, or a saturated pixel within max(5 px, PEEING)",
     "flag_footprint": "12: outside the reference image's footprint",
 }
 #: Flags that do not veto a moving object (a moving object is elongated in a stack).
@@ -234,6 +236,25 @@ def any_in_radius(bad: np.ndarray, x: np.ndarray, y: np.ndarray, radius: float) 
     return ((v > 0) & inside).reshape(n, -1).any(axis=1)
 
 
+def masked_psf_fraction(bad: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_px: float,
+                        beta: float | None = None) -> np.ndarray:
+    """Fraction of a point source's information lost to masked pixels: ``sum P^2`` over the
+    masked pixels within 2 FWHM over ``sum P^2`` there (:func:`psf_model`; outside the image
+    counts as masked). 0 for a clean place; a single masked pixel in the wing costs a few
+    per cent, the masked core of a star most of it."""
+    x = np.atleast_1d(np.asarray(x, float))
+    y = np.atleast_1d(np.asarray(y, float))
+    n = len(x)
+    if n == 0:
+        return np.zeros(0)
+    half = int(np.ceil(2 * fwhm_px)) + 1
+    b, dx, dy = stamps(bad, x, y, half, fill=1.0)
+    p2 = psf_model(dx, dy, fwhm_px, beta) ** 2 * (np.hypot(dx, dy) <= 2 * fwhm_px)
+    tot = p2.reshape(n, -1).sum(axis=1)
+    lost = (p2 * (b > 0)).reshape(n, -1).sum(axis=1)
+    return np.where(tot > 0, lost / np.where(tot > 0, tot, 1.0), 1.0)
+
+
 def min_significance(image: np.ndarray, sigma: float | np.ndarray, x: np.ndarray, y: np.ndarray,
                      radius: float) -> np.ndarray:
     """Most negative value / sigma within ``radius`` (for the inverted-reference check)."""
@@ -249,6 +270,54 @@ def min_significance(image: np.ndarray, sigma: float | np.ndarray, x: np.ndarray
     n = len(np.atleast_1d(x))
     out = z.reshape(n, -1).min(axis=1)
     return np.where(np.isfinite(out), out, 0.0)
+
+
+def opposite_lobe(diff: np.ndarray, sigma: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: np.ndarray,
+                  sign: np.ndarray, flux: np.ndarray, fwhm_px: float, beta: float | None = None,
+                  noise_scale_: float = 1.0, radii: tuple[float, ...] = (1.0, 1.5), npts: int = 8
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The strongest lobe of the opposite sign beside each detection.
+
+    PSF-weighted fluxes are measured at ``npts`` points on circles of ``radii`` FWHM around
+    the detection; the most opposite one (``-sign x flux``) is its lobe. A misregistered or
+    moving star (a proper motion between the reference's epoch and the science's), or a
+    star's wing residual, leaves a positive and a negative lobe of similar strength side by
+    side; a transient has none.
+
+    Returns
+    -------
+    ratio : float array
+        Opposite lobe over the detection's own PSF-weighted flux (both taken with the
+        detection's sign; about 0 or below for a point source).
+    snr : float array
+        Significance of that lobe.
+    """
+    x = np.atleast_1d(np.asarray(x, float))
+    y = np.atleast_1d(np.asarray(y, float))
+    n = len(x)
+    if n == 0:
+        return np.zeros(0), np.zeros(0)
+    best = np.full(n, -np.inf)
+    best_err = np.ones(n)
+    sg = np.asarray(sign, float)
+    for k, rr in enumerate(radii):
+        ang = (np.arange(npts) + 0.5 * (k % 2)) * 2 * np.pi / npts
+        ox, oy = rr * fwhm_px * np.cos(ang), rr * fwhm_px * np.sin(ang)
+        fit = forced_psf(diff, sigma, (x[:, None] + ox[None, :]).ravel(), (y[:, None] + oy[None, :]).ravel(),
+                         fwhm_px, bad, beta)
+        opp = -(fit.flux.reshape(n, npts) * sg[:, None])
+        err = (fit.err * noise_scale_).reshape(n, npts)
+        opp = np.where(np.isfinite(opp) & np.isfinite(err), opp, -np.inf)
+        j = np.argmax(opp, axis=1)
+        o = opp[np.arange(n), j]
+        better = o > best
+        best = np.where(better, o, best)
+        best_err = np.where(better, err[np.arange(n), j], best_err)
+    own = np.abs(np.asarray(flux, float))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(np.isfinite(best) & (own > 0), best / own, 0.0)
+        snr = np.where(np.isfinite(best), best / best_err, 0.0)
+    return ratio, snr
 
 
 def edge_flag(x: np.ndarray, y: np.ndarray, nx: int, ny: int, fraction: float, min_px: float) -> np.ndarray:
@@ -305,6 +374,8 @@ def vetting_flags(cat: dict[str, np.ndarray], *, seeing_arcsec: float, peeing_px
         else:
             f["flag_concentration"] = np.zeros(n, bool)
     f["flag_dipole"] = cat["dipole_frac"] > 0.3
+    if "lobe_ratio" in cat:
+        f["flag_dipole"] |= (np.asarray(cat["lobe_ratio"]) > 0.5) & (np.asarray(cat["lobe_snr"]) > 3.0)
     f["flag_masked"] = np.asarray(cat["masked"], bool)
     f["flag_footprint"] = ~np.asarray(cat["in_footprint"], bool)
     return f
@@ -528,17 +599,175 @@ def nearby_flux(x: np.ndarray, y: np.ndarray, sx: np.ndarray, sy: np.ndarray, sf
     return out
 
 
+def local_residual(diff: np.ndarray, sigma: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: np.ndarray,
+                   fwhm_px: float, beta: float | None = None, noise_scale_: float = 1.0,
+                   radii: tuple[float, ...] = (2.0, 3.0), npts: int = 12,
+                   avoid: tuple[np.ndarray, np.ndarray] | None = None,
+                   avoid_fwhm: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
+    """Structure of the difference around each detection, beyond its noise.
+
+    PSF-weighted fluxes (:func:`forced_psf`) are measured at ``npts`` points on rings of
+    ``radii`` FWHM around each detection; points that lost much of their PSF to masked pixels
+    (error above 1.5 times the ring's median) are left out, and each ring's weighted mean is
+    taken off (the detection's own light is the same all round a ring, whatever the exact
+    PSF). Points within ``avoid_fwhm`` FWHM of the positions ``avoid`` (the cores of stars,
+    whose own residual is counted apart, from their flux) are left out too.
+    On clean sky what is left is noise: ``chi2 = sum(z^2) / dof`` with ``z`` the
+    deviations in units of their errors is about 1. Subtraction residuals (the halo of a
+    badly matched bright star, the edge of a masked area, a background step) make it larger.
+    The residual level is ``e sqrt(max(chi2 - (1 + 2 sqrt(2 / dof)), 0))`` with ``e`` the
+    median error: only an excess beyond twice the scatter that noise alone gives counts.
+
+    Returns
+    -------
+    resid : float array
+        Residual level (difference units, on the scale of a PSF-weighted flux), 0 where none
+        or where fewer than 6 points were usable.
+    chi : float array
+        ``sqrt(chi2)`` (about 1 on clean sky), NaN with fewer than 6 usable points.
+    """
+    x = np.atleast_1d(np.asarray(x, float))
+    y = np.atleast_1d(np.asarray(y, float))
+    n = len(x)
+    if n == 0:
+        return np.zeros(0), np.zeros(0)
+    chi2 = np.zeros(n)
+    dof = np.zeros(n)
+    errs = []
+    tree = None
+    if avoid is not None and len(avoid[0]):
+        from scipy.spatial import cKDTree
+
+        tree = cKDTree(np.column_stack([np.asarray(avoid[0], float), np.asarray(avoid[1], float)]))
+    for k, rr in enumerate(radii):
+        ang = (np.arange(npts) + 0.5 * (k % 2)) * 2 * np.pi / npts
+        ox, oy = rr * fwhm_px * np.cos(ang), rr * fwhm_px * np.sin(ang)
+        fit = forced_psf(diff, sigma, (x[:, None] + ox[None, :]).ravel(), (y[:, None] + oy[None, :]).ravel(),
+                         fwhm_px, bad, beta)
+        f = fit.flux.reshape(n, npts)
+        e = (fit.err * noise_scale_).reshape(n, npts)
+        ok = np.isfinite(f) & np.isfinite(e) & (e > 0)
+        if tree is not None:
+            dstar, _ = tree.query(np.column_stack([(x[:, None] + ox[None, :]).ravel(),
+                                                   (y[:, None] + oy[None, :]).ravel()]), k=1)
+            ok &= dstar.reshape(n, npts) > avoid_fwhm * fwhm_px
+        with np.errstate(invalid="ignore", divide="ignore"):
+            emed = np.nanmedian(np.where(ok, e, np.nan), axis=1)
+            ok &= e <= 1.5 * emed[:, None]
+            w = np.where(ok, 1.0 / np.where(ok, e, 1.0) ** 2, 0.0)
+            mean = (w * np.where(ok, f, 0.0)).sum(axis=1) / np.where(w.sum(axis=1) > 0, w.sum(axis=1), 1.0)
+            z2 = np.where(ok, (f - mean[:, None]) ** 2 * w, 0.0).sum(axis=1)
+        c = ok.sum(axis=1)
+        use = c >= 3
+        chi2 += np.where(use, z2, 0.0)
+        dof += np.where(use, c - 1, 0)
+        errs.append(np.where(ok, e, np.nan))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        emed = np.nanmedian(np.hstack(errs), axis=1)
+        red = chi2 / np.maximum(dof, 1)
+        allow = 1.0 + 2.0 * np.sqrt(2.0 / np.maximum(dof, 1))
+        resid = emed * np.sqrt(np.clip(red - allow, 0, None))
+    good = (dof >= 6) & np.isfinite(resid)
+    return np.where(good, resid, 0.0), np.where(good, np.sqrt(red), np.nan)
+
+
+def star_ring_residual(diff: np.ndarray, sigma: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: np.ndarray,
+                       sx: np.ndarray, sy: np.ndarray, sflux: np.ndarray, fwhm_px: float, beta: float | None = None,
+                       noise_scale_: float = 1.0, max_fwhm: float = 4.0, min_fwhm: float = 0.5
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The residual a star leaves at a detection's distance from it, from the other azimuths.
+
+    A kernel that does not match the PSF's wings leaves rings of one sign around every bright
+    star (and lobes, where the PSFs differ in shape); a detection on such a ring is the star's
+    residual, not a transient. For each detection between ``min_fwhm`` and ``max_fwhm`` FWHM
+    from a star (the star with the most light there, ``sflux`` times the PSF at that
+    distance), PSF-weighted fluxes are measured on the circle through the detection around
+    the star, at points more than 1.5 FWHM from the detection (and with less than half of
+    their information masked). Their weighted mean is the star's residual at that distance;
+    their scatter beyond the noise (as in :func:`local_residual`) tells how far that mean
+    describes the azimuth of the detection.
+
+    Returns
+    -------
+    mean : float array
+        The star's residual at the detection (PSF-weighted flux, difference units), 0 where no
+        star is near or fewer than 4 points were usable.
+    scatter : float array
+        Scatter of the residual around the circle beyond the noise, plus the error of the
+        mean (0 where no star).
+    star : int array
+        Index of the star used (-1 where none).
+    """
+    x = np.atleast_1d(np.asarray(x, float))
+    y = np.atleast_1d(np.asarray(y, float))
+    n = len(x)
+    mean = np.zeros(n)
+    scatter = np.zeros(n)
+    star = np.full(n, -1)
+    if n == 0 or len(sx) == 0:
+        return mean, scatter, star
+    from scipy.spatial import cKDTree
+
+    sx = np.asarray(sx, float)
+    sy = np.asarray(sy, float)
+    sflux = np.clip(np.nan_to_num(np.asarray(sflux, float)), 0, None)
+    tree = cKDTree(np.column_stack([sx, sy]))
+    p0 = psf_model(np.zeros(1), np.zeros(1), fwhm_px, beta)[0]
+    for i, nb in enumerate(tree.query_ball_point(np.column_stack([x, y]), max_fwhm * fwhm_px)):
+        if not nb:
+            continue
+        nb = np.asarray(nb)
+        d = np.hypot(sx[nb] - x[i], sy[nb] - y[i])
+        keep = d > min_fwhm * fwhm_px
+        if not keep.any():
+            continue
+        nb, d = nb[keep], d[keep]
+        light = sflux[nb] * psf_model(d, np.zeros(len(d)), fwhm_px, beta) / p0
+        k = int(np.argmax(light))
+        j, dj = int(nb[k]), float(d[k])
+        npts = int(np.clip(np.ceil(2 * np.pi * dj / (0.75 * fwhm_px)), 8, 24))
+        theta0 = np.arctan2(y[i] - sy[j], x[i] - sx[j])
+        ang = theta0 + 2 * np.pi * np.arange(1, npts) / npts
+        px = sx[j] + dj * np.cos(ang)
+        py = sy[j] + dj * np.sin(ang)
+        far = np.hypot(px - x[i], py - y[i]) > 1.5 * fwhm_px
+        if far.sum() < 4:
+            continue
+        fit = forced_psf(diff, sigma, px[far], py[far], fwhm_px, bad, beta)
+        f, e = fit.flux, fit.err * noise_scale_
+        ok = np.isfinite(f) & np.isfinite(e) & (e > 0)
+        if ok.sum() < 4:
+            continue
+        emed = float(np.median(e[ok]))
+        ok &= e <= 1.5 * emed
+        c = int(ok.sum())
+        if c < 4:
+            continue
+        w = 1.0 / e[ok] ** 2
+        m = float((w * f[ok]).sum() / w.sum())
+        chi2 = float(((f[ok] - m) ** 2 * w).sum()) / (c - 1)
+        allow = 1.0 + 2.0 * np.sqrt(2.0 / (c - 1))
+        excess = emed * np.sqrt(max(chi2 - allow, 0.0))
+        mean[i] = m
+        scatter[i] = np.hypot(excess, np.sqrt(1.0 / w.sum()))
+        star[i] = j
+    return mean, scatter, star
+
+
 def effective_snr(flux: np.ndarray, err: np.ndarray, ref_flux: np.ndarray | None, level: float,
-                  near_flux: np.ndarray | None = None, wing_level: float = 0.0) -> np.ndarray:
-    """``flux / sqrt(err^2 + (level x max(ref_flux, 0))^2 + (wing_level x near_flux)^2)``: the
-    S/N with the subtraction residuals of the reference source under the detection and of the
-    stars beside it counted as noise."""
+                  near_flux: np.ndarray | None = None, wing_level: float = 0.0,
+                  local: np.ndarray | None = None) -> np.ndarray:
+    """``flux / sqrt(err^2 + (level x max(ref_flux, 0))^2 + (wing_level x near_flux)^2 + local^2)``:
+    the S/N with the subtraction residuals of the reference source under the detection, of the
+    stars beside it and of the difference around it (:func:`local_residual`) counted as noise."""
     flux = np.asarray(flux, float)
     var = np.asarray(err, float) ** 2
     if ref_flux is not None and level > 0:
         var = var + (level * np.clip(np.nan_to_num(np.asarray(ref_flux, float)), 0, None)) ** 2
     if near_flux is not None and wing_level > 0:
         var = var + (wing_level * np.asarray(near_flux, float)) ** 2
+    if local is not None:
+        var = var + np.nan_to_num(np.asarray(local, float)) ** 2
     return flux / np.sqrt(var)
 
 

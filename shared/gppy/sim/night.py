@@ -171,7 +171,7 @@ def simulate(outdir: str | Path, unit: str = "7DT01", night: str = "2025-01-15",
     _JOB = {"plan": plan, "truths": truths, "fields": fields, "det": det, "tr_list": tr_list,
             "trail_frames": trail_frames, "seed": seed, "physics": physics, "cr_rate": cr_rate, "unit": unit,
             "night_dir": night_dir, "truth_dir": truth_dir, "say": say, "ref_jobs": ref_jobs, "out": out,
-            "base": base, "night_mid": night_mid}
+            "base": base, "night_mid": night_mid, "filters": filters}
     # every flat and the fixed mask once, before any fork (NumPy releases the GIL: threads)
     from concurrent.futures import ThreadPoolExecutor
 
@@ -179,7 +179,7 @@ def simulate(outdir: str | Path, unit: str = "7DT01", night: str = "2025-01-15",
         list(ex.map(lambda f: det.flat(f) if f else det.fixed_mask(), [*filters, None]))
     order = sorted(range(len(ref_jobs)), key=lambda n: -ref_jobs[n]["size"][0] * ref_jobs[n]["size"][1])
     jobs = ([("reference", n) for n in order] + [("catalogue", k) for k in range(len(plan.targets) if references else 0)]
-            + [("frame", spec.index) for spec in plan.frames])
+            + [("calib_truth", n) for n in range(2 + len(filters))] + [("frame", spec.index) for spec in plan.frames])
     if workers > 1:
         import multiprocessing
 
@@ -201,8 +201,6 @@ def simulate(outdir: str | Path, unit: str = "7DT01", night: str = "2025-01-15",
                 name, info = done[("reference", n)]
                 ref_info[name] = info
 
-    # calibration truth
-    _write_calib_truth(truth_dir / "calib", det, filters)
     # master archive
     if archive_nights is None and not calib:
         d = Time(f"{night}T12:00:00")
@@ -271,6 +269,8 @@ def _job(key: tuple[str, int]):
         return _frame_job(n)
     if kind == "reference":
         return _reference_job(n)
+    if kind == "calib_truth":
+        return _write_calib_truth(_JOB["truth_dir"] / "calib", _JOB["det"], _JOB["filters"], only=n)
     return _catalogue_job(n)
 
 
@@ -682,21 +682,26 @@ def _calibration_frame(spec: FrameSpec, det: Detector, seed: int, ph: Physics, c
 # ---------------------------------------------------------------------------------- calib truth
 
 
-def _write_calib_truth(d: Path, det: Detector, filters: list[str]) -> None:
-    h = fits.Header()
-    h["BUNIT"] = "ADU"
-    h["COMMENT"] = "true bias (noiseless; each frame adds bias_offset_adu from its truth JSON)"
-    fitsio.write_fits(d / "bias.fits", det.bias.astype(np.float32), h)
-    h = fits.Header()
-    h["BUNIT"] = "e-/s"
-    h["EGAIN"] = det.gain
-    h["COMMENT"] = "true dark current incl. hot pixels and hot columns; ADU = value * t / EGAIN"
-    fitsio.write_fits(d / "dark_current.fits", det.dark.astype(np.float32), h)
-    for f in filters:
+def _write_calib_truth(d: Path, det: Detector, filters: list[str], only: int | None = None) -> None:
+    """``bias.fits``, ``dark_current.fits`` and ``flat_<FILT>.fits`` (all, or number ``only``)."""
+    items = ["bias", "dark", *filters]
+    for n, what in enumerate(items):
+        if only is not None and n != only:
+            continue
         h = fits.Header()
-        h["FILTER"] = f
-        h["COMMENT"] = "true response (vignetting x dust x PRNU x dead columns), median 1"
-        fitsio.write_fits(d / f"flat_{f}.fits", det.flat(f), h)
+        if what == "bias":
+            h["BUNIT"] = "ADU"
+            h["COMMENT"] = "true bias (noiseless; each frame adds bias_offset_adu from its truth JSON)"
+            fitsio.write_fits(d / "bias.fits", det.bias.astype(np.float32), h)
+        elif what == "dark":
+            h["BUNIT"] = "e-/s"
+            h["EGAIN"] = det.gain
+            h["COMMENT"] = "true dark current incl. hot pixels and hot columns; ADU = value * t / EGAIN"
+            fitsio.write_fits(d / "dark_current.fits", det.dark.astype(np.float32), h)
+        else:
+            h["FILTER"] = what
+            h["COMMENT"] = "true response (vignetting x dust x PRNU x dead columns), median 1"
+            fitsio.write_fits(d / f"flat_{what}.fits", det.flat(what), h)
 
 
 # ---------------------------------------------------------------------------------- references

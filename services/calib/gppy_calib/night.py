@@ -20,8 +20,10 @@ Order of work (the whole stage, in one place):
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections import Counter, OrderedDict, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -32,14 +34,14 @@ from astropy.io import fits
 from gppy import masks as gmasks
 from gppy import naming
 from gppy.config import PathConfig, Settings
-from gppy.fitsio import BadInputError, read_header, write_fits, write_mask
+from gppy.fitsio import BadInputError, read_header, write_fits
 from gppy.masks import MaskBit
 from gppy.provenance import stamp
 from gppy.tables import load_changehdr, load_obs
 from gppy.visits import FrameInfo as VisitFrame
 from gppy.visits import group_visits
-from gppy.xp import backend_name, to_host
-from gppy_calib import archive, masks, reduce, trails
+from gppy.xp import backend_name
+from gppy_calib import archive, frame, masks, reduce, trails
 from gppy_calib.combine import median_error_factor
 from gppy_calib.headers import FrameInfo, HeaderProblem, describe
 from gppy_calib.masters import ClipRule, Master, make_bias, make_dark, make_flat, qc_compare
@@ -141,6 +143,9 @@ class NightCalibrator:
 
     cache_size = 4
     edge_pixels = 0
+    #: Threads of the banded reduction pass (NumPy) and of the astroscrappy mosaics.
+    workers = 2
+    cr_workers = 1
 
     def __init__(self, settings: Settings, paths: PathConfig, unit: str, xp: ModuleType):
         self.settings = settings
@@ -151,7 +156,11 @@ class NightCalibrator:
         self.clip = ClipRule(settings.clip_sigma, settings.clip_iters, settings.combine_band_rows)
         self.mroot = Path(paths.path_mframe)
         self._cache: OrderedDict[Path, tuple[np.ndarray, np.ndarray, fits.Header]] = OrderedDict()
-        self._setcache: dict[tuple, tuple] = {}
+        self._setcache: dict[tuple, dict] = {}
+        self._buf: frame.FrameBuffers | None = None
+        #: Wall and CPU time (s, all threads) of the steps of the last :meth:`reduce`.
+        self.last_steps: dict[str, float] = {}
+        self.last_steps_cpu: dict[str, float] = {}
         #: Id of the night-ready message being handled, stamped as CALRUNID on each product.
         self.run_id = ""
 
@@ -425,11 +434,13 @@ class NightCalibrator:
     # ------------------------------------------------------------------ reduction
     def _calib_set(self, job: Job, gain: float, rn_adu: float, sat_raw: float, scale: float) -> dict:
         """Everything that depends on the masters and not on the frame, computed once for the
-        frames that share them (frames come grouped by filter and time): the bad-pixel mask,
-        the variance terms, the effective gain and the reduced saturation level."""
+        frames that share them (frames come grouped by filter and time): the reduction and
+        variance terms with the bad-pixel mask (:class:`gppy_calib.frame.FrameTerms`), the
+        effective gain and the reduced saturation level."""
         key = (job.bias.path, job.dark.path, job.flat.path, self.edge_pixels, gain, rn_adu, sat_raw, scale)
         if key in self._setcache:
             return self._setcache[key]
+        self._setcache.clear()            # one master set at a time
         xp = self.xp
         b, be, bh = self.load(job.bias.path)
         d, de, _ = self.load(job.dark.path)
@@ -439,14 +450,19 @@ class NightCalibrator:
         bad = bad | masks.edge_mask(xp, bad.shape, self.edge_pixels)
         good = bad == 0
         cset = {
-            "bias": xp.asarray(b), "dark": xp.asarray(d), "flat": xp.asarray(fl), "bad": bad,
-            "terms": reduce.variance_terms(fl, d, be, de, fe, scale, gain, rn_adu, xp),
+            "terms": frame.frame_terms(b, d, fl, be, de, fe, bad, scale, gain, rn_adu, xp),
             "egain": reduce.effective_gain(gain, fl, good, xp),
             "sat_red": reduce.reduced_saturation(sat_raw, b, d, scale, fl, good, xp),
         }
-        self._setcache.clear()            # one master set at a time
         self._setcache[key] = cset
         return cset
+
+    def _buffers(self, shape: tuple[int, int]) -> frame.FrameBuffers:
+        """Product buffers of this shape, reused from frame to frame."""
+        if self._buf is None or self._buf.shape != tuple(shape):
+            self._buf = None
+            self._buf = frame.FrameBuffers.empty(tuple(shape))
+        return self._buf
 
     def _gain(self, hdr: fits.Header) -> tuple[float, str]:
         try:
@@ -479,13 +495,27 @@ class NightCalibrator:
         return 0.0
 
     def reduce(self, job: Job) -> Products:
-        """Reduce one science frame and write its image, weight and mask."""
+        """Reduce one science frame and write its image, weight and mask.
+
+        One pass over the pixels in row bands (:func:`gppy_calib.frame.reduce_pass`) gives the
+        image, mask, weight, the cosmic-ray candidates and the trail search's binned S/N; the
+        cosmic rays (astroscrappy around the candidates) and trails (Hough on the binned S/N)
+        then add their bits to the mask and zero the weight there; the three files are
+        written in parallel.
+        """
         xp = self.xp
         info = job.info
-        raw_img = RawImage(info.path)
-        raw_host = raw_img.read()
-        check_signal(info.path, raw_host)
-        raw = xp.asarray(raw_host)
+        steps: dict[str, float] = {}
+        steps_cpu: dict[str, float] = {}
+        clock = [time.perf_counter(), time.process_time()]
+
+        def lap(name: str) -> None:
+            now, cpu = time.perf_counter(), time.process_time()
+            steps[name] = steps.get(name, 0.0) + now - clock[0]
+            steps_cpu[name] = steps_cpu.get(name, 0.0) + cpu - clock[1]
+            clock[:] = [now, cpu]
+
+        raw = RawImage(info.path, info.header)
         b, be, bh = self.load(job.bias.path)
         d, _, _ = self.load(job.dark.path)
         fl, _, _ = self.load(job.flat.path)
@@ -503,52 +533,67 @@ class NightCalibrator:
                 pass
         rn_adu = self._read_noise_adu(info.header, bh, be, gain)
         cset = self._calib_set(job, gain, rn_adu, sat_raw, scale)
-        bad = cset["bad"]
-        red = reduce.reduce_frame(raw, cset["bias"], cset["dark"], scale, cset["flat"], xp)
-        mask = bad | masks.saturation_mask(xp, raw, sat_raw)
-        nonfinite = ~xp.isfinite(red)
-        if bool(nonfinite.any()):
-            mask = mask | xp.where(nonfinite, xp.uint16(int(MaskBit.NONFINITE)), xp.uint16(0)).astype(xp.uint16)
-            red = xp.where(nonfinite, xp.float32(0), red)
-        sky = reduce.subgrid_median(red, mask == 0, xp)
-        var = reduce.variance_from_terms(cset["terms"], sky, xp)
-        egain = cset["egain"]
-        sat_red = cset["sat_red"]
+        terms: frame.FrameTerms = cset["terms"]
+        egain, sat_red = cset["egain"], cset["sat_red"]
+        cr_on, tr_on = bool(self.settings.cosmic_rays), bool(self.settings.satellite_trails)
+        lap("masters")
+        stats = frame.frame_statistics(raw, terms, sat_raw, xp, background=tr_on)
+        if stats.maybe_empty:
+            check_signal(info.path, raw.read())         # a frame without data is refused here
+        buf = self._buffers(raw.shape)
+        fp = frame.reduce_pass(raw, terms, stats, sat_raw, egain, buf, xp, cosmic_rays=cr_on,
+                               satellite_trails=tr_on, workers=self.workers)
+        lap("pass")
+        sky = stats.sky
         ncr = 0
         trail_list: list = []
-        if self.settings.cosmic_rays:
-            notdata = (mask & int(MaskBit.BAD | MaskBit.NONFINITE | MaskBit.EDGE)) != 0
-            saturated = (mask & int(MaskBit.SATURATED)) != 0
-            cr = masks.cosmic_ray_mask(xp, red, var, sky, mask != 0, egain, rn_adu * gain, sat_red, fill=notdata,
-                                       protect=saturated)
-            ncr = int(cr.sum())
-            mask = mask | xp.asarray(np.where(cr, np.uint16(int(MaskBit.COSMIC_RAY)), np.uint16(0)))
-        if self.settings.satellite_trails:
-            noise = to_host(xp.sqrt(var))
-            tmask, trail_list = trails.detect_trails(to_host(red), noise, to_host(mask != 0))
-            mask = mask | xp.asarray(np.where(tmask, np.uint16(int(MaskBit.TRAIL)), np.uint16(0)))
-        weight = masks.weight_map(xp, var, mask)
+        snr = frame.PixelSNR(buf.image_be, terms, stats, buf.mask_be, xp) if tr_on else None
+        if cr_on and fp.cr_y.size:
+            cy, cx = masks.cosmic_ray_windows(
+                buf.image_be, lambda y, x: frame.variance_at(terms, sky, y, x, xp), buf.mask_be, fp.cr_y, fp.cr_x,
+                sky, egain, rn_adu * gain, sat_red, workers=self.cr_workers)
+            ncr = int(cy.size)
+            frame.flag_pixels(buf, cy, cx, int(MaskBit.COSMIC_RAY))
+            if snr is not None:
+                snr.rebin(fp.binned, cy, cx)            # cosmic rays no longer count in the trail search
+        lap("cosmic_rays")
+        ntrlpix = 0
+        if tr_on:
+            trail_list = trails.search(fp.binned, snr)
+            if trail_list:
+                pix = [trails.trail_pixels(raw.shape, t) for t in trail_list]
+                flat = np.unique(np.concatenate([ty * raw.shape[1] + tx for ty, tx in pix]))
+                ntrlpix = int(flat.size)
+                frame.flag_pixels(buf, flat // raw.shape[1], flat % raw.shape[1], int(MaskBit.TRAIL))
+        counts = dict(fp.counts, cosmic_ray=ncr, trail=ntrlpix)
+        lap("trails")
 
-        mask_h = to_host(mask).astype(np.uint16)
-        hdr = self._science_header(job, gain, gain_src, egain, rn_adu, sat_raw, sat_red, scale, sky, mask_h,
-                                   ncr, trail_list)
+        hdr = self._science_header(job, gain, gain_src, egain, rn_adu, sat_raw, sat_red, scale, sky, counts,
+                                   trail_list)
         image_path = job.calib_path
         weight_path = naming.weight_of(image_path)
         mask_path = naming.flag_of(image_path)
         hdr["WEIGHTIM"] = weight_path.name[:68]        # inverse-variance weight map
-        hdr["MASKIM"] = mask_path.name[:68]            # uint16 bit mask (gppy.masks.MaskBit)
+        hdr["MASKIM"] = mask_path.name[:68]            # bit mask (gppy.masks.MaskBit), int16
         inputs = [info.path, job.bias.path, job.dark.path, job.flat.path]
         subset = _settings_subset(self.settings)
         stamp(hdr, "calib", inputs, subset)
-        write_fits(image_path, to_host(red).astype(np.float32, copy=False), hdr)
         whdr = self._aux_header(info, "weight", "inverse variance [ADU^-2]; 0 where masked", image_path)
         stamp(whdr, "calib", inputs, subset)
-        write_fits(weight_path, to_host(weight).astype(np.float32, copy=False), whdr)
         mhdr = self._aux_header(info, "mask", "bit mask, see MASKB_* and gppy.masks.MaskBit", image_path)
         for name, value in gmasks.describe().items():
             mhdr[f"HIERARCH MASKB_{name}"] = value
         stamp(mhdr, "calib", inputs, subset)
-        write_mask(mask_path, mask_h, mhdr)
+        # big-endian buffers: written as they are (no byte swap); the mask is int16 without
+        # BZERO, as gppy.fitsio.write_mask writes it (its bits fit in 15 bits by construction)
+        for key in ("BZERO", "BSCALE"):
+            mhdr.remove(key, ignore_missing=True)
+        writes = [(image_path, buf.image_be, hdr), (weight_path, buf.weight_be, whdr), (mask_path, buf.mask_be, mhdr)]
+        with ThreadPoolExecutor(max_workers=len(writes)) as pool:
+            for fut in [pool.submit(write_fits, *w) for w in writes]:
+                fut.result()
+        lap("write")
+        self.last_steps, self.last_steps_cpu = steps, steps_cpu
         return Products(image_path, weight_path, mask_path, ncr, len(trail_list), trail_list)
 
     def _aux_header(self, info: FrameInfo, kind: str, what: str, image: Path) -> fits.Header:
@@ -561,8 +606,8 @@ class NightCalibrator:
         return h
 
     def _science_header(self, job: Job, gain: float, gain_src: str, egain: float, rn_adu: float,
-                        sat_raw: float, sat_red: float, scale: float, sky: float, mask: np.ndarray,
-                        ncr: int, trail_list: list) -> fits.Header:
+                        sat_raw: float, sat_red: float, scale: float, sky: float, counts: dict,
+                        trail_list: list) -> fits.Header:
         hdr = job.info.header.copy()
         for key in ("BZERO", "BSCALE", "BLANK", "DATAMIN", "DATAMAX"):
             hdr.remove(key, ignore_missing=True, remove_all=True)
@@ -587,11 +632,11 @@ class NightCalibrator:
             hdr.add_history(f"borrowed {ref.kind}: {ref.describe()}"[:72])
         hdr["CRDETECT"] = (bool(self.settings.cosmic_rays), "cosmic rays detected (astroscrappy)")
         hdr["TRDETECT"] = (bool(self.settings.satellite_trails), "satellite trails detected (Hough)")
-        hdr["NBADPIX"] = (int(np.count_nonzero(mask & int(MaskBit.BAD))), "pixels flagged BAD")
-        hdr["NSATPIX"] = (int(np.count_nonzero(mask & int(MaskBit.SATURATED))), "pixels flagged SATURATED")
-        hdr["NCRPIX"] = (int(ncr), "pixels flagged COSMIC_RAY")
+        hdr["NBADPIX"] = (int(counts["bad"]), "pixels flagged BAD")
+        hdr["NSATPIX"] = (int(counts["saturated"]), "pixels flagged SATURATED")
+        hdr["NCRPIX"] = (int(counts["cosmic_ray"]), "pixels flagged COSMIC_RAY")
         hdr["NTRAIL"] = (len(trail_list), "trails found")
-        hdr["NTRLPIX"] = (int(np.count_nonzero(mask & int(MaskBit.TRAIL))), "pixels flagged TRAIL")
+        hdr["NTRLPIX"] = (int(counts["trail"]), "pixels flagged TRAIL")
         hdr["CALBACK"] = (backend_name(self.xp), "array backend of the calibration")
         if self.run_id:
             hdr["CALRUNID"] = (self.run_id, "night-ready message that produced this frame")

@@ -69,13 +69,27 @@ class Trail:
     peak_snr: float
 
 
-def _block_median(image: np.ndarray, good: np.ndarray, block: int, step: int = 4) -> np.ndarray:
-    """Median of the good pixels of each ``block`` x ``block`` box (every ``step``-th pixel in
-    each axis), median-filtered over 3 x 3 boxes; boxes without good pixels take the overall
-    median. Shape ``(ceil(ny / block), ceil(nx / block))``."""
-    ny, nx = image.shape
+def block_background(sub: np.ndarray, good_sub: np.ndarray, shape: tuple[int, int], block: int = BKG_BLOCK,
+                     step: int = 4) -> np.ndarray:
+    """Median of the good pixels of each ``block`` x ``block`` box, median-filtered over 3 x 3
+    boxes; boxes without good pixels take the overall median.
+
+    Parameters
+    ----------
+    sub, good_sub : numpy.ndarray
+        Every ``step``-th pixel of the image in each axis (``image[::step, ::step]``) and
+        whether it is good.
+    shape : (int, int)
+        Shape of the full image.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``(ceil(ny / block), ceil(nx / block))``, float32.
+    """
+    ny, nx = shape
     by, bx = -(-ny // block), -(-nx // block)
-    sub = np.where(good, image, np.nan)[::step, ::step]
+    sub = np.where(good_sub, sub, np.nan)
     b = block // step
     pad = np.full((by * b, bx * b), np.nan, np.float32)
     pad[:sub.shape[0], :sub.shape[1]] = sub
@@ -90,6 +104,11 @@ def _block_median(image: np.ndarray, good: np.ndarray, block: int, step: int = 4
     fill = float(np.nanmedian(med)) if np.isfinite(med).any() else 0.0
     med = np.where(np.isfinite(med), med, fill).astype(np.float32)
     return ndimage.median_filter(med, size=3, mode="nearest")
+
+
+def _block_median(image: np.ndarray, good: np.ndarray, block: int, step: int = 4) -> np.ndarray:
+    """:func:`block_background` of a whole image (every ``step``-th pixel in each axis)."""
+    return block_background(image[::step, ::step], good[::step, ::step], image.shape, block, step)
 
 
 def snr_image(image: np.ndarray, noise: np.ndarray | float, masked: np.ndarray) -> np.ndarray:
@@ -110,10 +129,19 @@ def snr_image(image: np.ndarray, noise: np.ndarray | float, masked: np.ndarray) 
     return snr
 
 
-def _bin(snr: np.ndarray, b: int) -> np.ndarray:
+def bin_snr(snr, b: int = BIN):
+    """S/N of ``b`` x ``b`` block sums (``mean * b``); rows and columns beyond a whole block
+    are dropped. Works on NumPy and CuPy arrays."""
     ny, nx = snr.shape
     by, bx = ny // b, nx // b
-    return snr[:by * b, :bx * b].reshape(by, b, bx, b).mean(axis=(1, 3)) * b
+    rows = snr[0:by * b:b, :bx * b].copy()             # sums of b rows, then of b columns
+    for k in range(1, b):
+        rows += snr[k:by * b:b, :bx * b]
+    out = rows[:, 0::b].copy()
+    for k in range(1, b):
+        out += rows[:, k::b]
+    out *= out.dtype.type(1.0 / b)
+    return out
 
 
 def _candidate_pixels(binned: np.ndarray) -> np.ndarray:
@@ -122,14 +150,20 @@ def _candidate_pixels(binned: np.ndarray) -> np.ndarray:
     labels, n = ndimage.label(det, structure=np.ones((3, 3)))
     if n == 0:
         return np.zeros_like(det)
-    idx = np.arange(1, n + 1)
-    count = ndimage.sum_labels(det, labels, idx)
-    yy, xx = np.indices(det.shape)
-    my = ndimage.mean(yy, labels, idx)
-    mx = ndimage.mean(xx, labels, idx)
-    syy = ndimage.mean(yy * yy, labels, idx) - my * my
-    sxx = ndimage.mean(xx * xx, labels, idx) - mx * mx
-    sxy = ndimage.mean(xx * yy, labels, idx) - mx * my
+    # second moments of each group, from its pixels only
+    flat = labels.ravel()
+    pix = np.flatnonzero(flat)
+    lab = flat[pix]
+    yy, xx = (pix // det.shape[1]).astype(np.float64), (pix % det.shape[1]).astype(np.float64)
+    count = np.bincount(lab, minlength=n + 1)[1:].astype(np.float64)
+
+    def mean(w: np.ndarray) -> np.ndarray:
+        return np.bincount(lab, weights=w, minlength=n + 1)[1:] / count
+
+    my, mx = mean(yy), mean(xx)
+    syy = mean(yy * yy) - my * my
+    sxx = mean(xx * xx) - mx * mx
+    sxy = mean(xx * yy) - mx * my
     tr, det2 = sxx + syy, sxx * syy - sxy * sxy
     disc = np.sqrt(np.maximum(tr * tr / 4 - det2, 0))
     lmax, lmin = tr / 2 + disc, np.maximum(tr / 2 - disc, 1.0 / 12)
@@ -137,6 +171,20 @@ def _candidate_pixels(binned: np.ndarray) -> np.ndarray:
     keep = (count <= SMALL_BLOB) | (elong >= ELONGATION)
     keep_lut = np.concatenate([[False], keep])
     return keep_lut[labels]
+
+
+def _group_medians(key: np.ndarray, values: np.ndarray, nkeys: int) -> tuple[np.ndarray, np.ndarray]:
+    """Median of ``values`` in each group ``key`` (0 .. nkeys-1; NaN for an empty group, the
+    mean of the two middle values for an even count, as :func:`numpy.median`) and the counts."""
+    order = np.lexsort((values, key))
+    v = np.asarray(values, dtype=np.float64)[order]
+    count = np.bincount(key, minlength=nkeys)
+    start = np.cumsum(count) - count
+    lo = np.minimum(start + (count - 1) // 2, max(v.size - 1, 0))
+    hi = np.minimum(start + count // 2, max(v.size - 1, 0))
+    if v.size == 0:
+        return np.full(nkeys, np.nan), count
+    return np.where(count > 0, 0.5 * (v[lo] + v[hi]), np.nan), count
 
 
 def _accumulate(ys: np.ndarray, xs: np.ndarray, thetas: np.ndarray, rho_bin: float,
@@ -232,21 +280,19 @@ def _refine(snr: np.ndarray, theta: float, rho: float, iters: int = 3) -> tuple[
         v = snr[ys, xs]
         piece = np.floor((t - t.min()) / 128.0).astype(np.int64)
         ob = np.clip(np.rint(d - edges[0]).astype(np.int64), 0, edges.size - 1)
-        tc, dc = [], []
-        for k in range(int(piece.max()) + 1):
-            sel = piece == k
-            if sel.sum() < 10 * edges.size:
-                continue
-            prof = np.array([np.median(v[sel][ob[sel] == j]) if np.any(ob[sel] == j) else 0.0
-                             for j in range(edges.size)])
-            prof = np.maximum(prof - np.median(prof), 0.0)
-            if prof.sum() <= 0 or prof.max() < 1.0:
-                continue
-            tc.append(float(t[sel].mean()))
-            dc.append(float((prof * edges).sum() / prof.sum()))
-        if len(tc) < 3:
+        npiece = int(piece.max()) + 1
+        # median S/N of each (piece, offset) cell; 0 for an empty cell
+        prof, count = _group_medians(piece * edges.size + ob, v, npiece * edges.size)
+        prof = np.where(count > 0, prof, 0.0).reshape(npiece, edges.size)
+        size = np.bincount(piece, minlength=npiece)
+        tmean = np.bincount(piece, weights=t, minlength=npiece) / np.maximum(size, 1)
+        prof = np.maximum(prof - np.median(prof, axis=1)[:, None], 0.0)
+        tot = prof.sum(axis=1)
+        use = (size >= 10 * edges.size) & (tot > 0) & (prof.max(axis=1) >= 1.0)
+        if use.sum() < 3:
             break
-        tc_a, dc_a = np.array(tc), np.array(dc)
+        tc_a = tmean[use]
+        dc_a = (prof[use] * edges[None, :]).sum(axis=1) / tot[use]
         keep = np.ones(tc_a.size, bool)
         for _clip in range(3):
             b, a = np.polyfit(tc_a[keep], dc_a[keep], 1)
@@ -269,16 +315,14 @@ def _measure(snr: np.ndarray, theta: float, rho: float) -> Trail | None:
         return None
     vals = snr[ys, xs]
     # median profile across the line in half-pixel bins of the perpendicular offset
-    off = np.rint(2.0 * d).astype(np.int64)
-    prof = {}
-    for o in range(-2 * STRIP_HALF, 2 * STRIP_HALF + 1):
-        sel = off == o
-        if sel.sum() > 20:
-            prof[o / 2.0] = float(np.median(vals[sel]))
-    if not prof:
+    off = np.rint(2.0 * d).astype(np.int64) + 2 * STRIP_HALF
+    keep = (off >= 0) & (off <= 4 * STRIP_HALF)
+    med, count = _group_medians(off[keep], vals[keep], 4 * STRIP_HALF + 1)
+    have = count > 20
+    if not have.any():
         return None
-    offsets = np.array(sorted(prof))
-    p = np.array([prof[o] for o in offsets])
+    offsets = (np.flatnonzero(have) - 2 * STRIP_HALF) / 2.0
+    p = med[have]
     # the outer part of the strip is background: its scatter sets the significance
     outer = np.abs(offsets) > STRIP_HALF - 8
     base = float(np.median(p[outer])) if outer.any() else 0.0
@@ -366,9 +410,34 @@ def detect_trails(image: np.ndarray, noise: np.ndarray | float, masked: np.ndarr
     """
     shape = image.shape
     snr = snr_image(image, noise, masked)
-    binned = _bin(snr, BIN)
-    cand = _candidate_pixels(binned)
     out = np.zeros(shape, dtype=bool)
+    found = search(bin_snr(snr, BIN), snr, max_trails)
+    for trail in found:
+        ty, tx = trail_pixels(shape, trail)
+        out[ty, tx] = True
+    return out, found
+
+
+def search(binned: np.ndarray, snr, max_trails: int = MAX_TRAILS) -> list[Trail]:
+    """Steps 3-6 of the module docstring on a binned S/N image (:func:`bin_snr`).
+
+    Parameters
+    ----------
+    binned : numpy.ndarray
+        Binned S/N image.
+    snr : numpy.ndarray or array-like
+        The full-resolution S/N image, or any object with its ``shape`` that returns the S/N
+        at pixels ``snr[ys, xs]`` and accepts ``snr[ys, xs] = 0`` (see
+        :class:`gppy_calib.frame.PixelSNR`): the search reads it only along candidate lines.
+        The strips of the trails found are set to 0.
+    max_trails : int
+
+    Returns
+    -------
+    list of Trail
+    """
+    shape = tuple(snr.shape)
+    cand = _candidate_pixels(binned)
     trails: list[Trail] = []
     ys, xs = np.nonzero(cand)
     # a line must beat what randomly placed candidates give: at their density, a coarse cell
@@ -401,10 +470,8 @@ def detect_trails(image: np.ndarray, noise: np.ndarray | float, masked: np.ndarr
         ys, xs = ys[~near], xs[~near]
         if trail is None:
             continue
-        ty, tx = trail_pixels(shape, trail)
-        out[ty, tx] = True
         trails.append(trail)
         wide = Trail(trail.x0, trail.y0, trail.x1, trail.y1, 2.0 * trail.half_width + 4.0, trail.peak_snr)
         wy, wx = trail_pixels(shape, wide)
         snr[wy, wx] = 0.0
-    return out, trails
+    return trails

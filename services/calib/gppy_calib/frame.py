@@ -1,0 +1,405 @@
+"""One science frame in a single pass over its pixels, in row bands.
+
+The reduction of a 61-Mpx frame is bound by memory traffic, not arithmetic: written as
+whole-frame array expressions it makes a dozen passes over 245-MB temporaries. Here each
+band of :data:`BAND_ROWS` rows is read, reduced and turned into every per-pixel product while
+it sits in the CPU cache, and the bands are shared by ``workers`` threads (NumPy releases the
+GIL in its loops). One pass gives, per pixel:
+
+* the reduced image ``(raw - offset) * invflat`` with ``offset = bias + dark * s`` and
+  ``invflat = 1 / flat`` (:mod:`gppy_calib.reduce`; ``s = t_science / t_dark``), float32 ADU,
+  0 where non-finite;
+* the bit mask: ``BAD``/``EDGE`` from the masters, ``SATURATED`` (raw at or above the
+  saturation level), ``NONFINITE``;
+* the inverse-variance weight ``1 / var`` (0 where masked), ``var = a + sky (b + sky c)``
+  (:func:`gppy_calib.reduce.variance_terms`);
+* the candidate pixels of the cosmic-ray search (:func:`gppy_calib.masks.cosmic_ray_candidates`,
+  with a 3-row halo so that bands see their neighbours);
+* the binned S/N image of the trail search (:func:`gppy_calib.trails.snr_image` binned by
+  :data:`gppy_calib.trails.BIN`).
+
+The sky level and the trail search's background, both medians of every 4th pixel, come
+first from that sub-grid (:func:`frame_statistics`), so that the pass needs them ready.
+
+Products are written into buffers the caller owns (so that a night of frames reuses the
+same memory); the image, weight and mask for the files are big-endian, as FITS stores them,
+so that writing them is a plain copy. The array module ``xp`` is NumPy or CuPy; with CuPy
+the whole frame is one band.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import numpy as np
+
+from gppy.masks import MaskBit
+from gppy.xp import backend_name, to_host
+from gppy_calib import masks, reduce, trails
+
+#: Rows per band: a multiple of the trail search's BIN and BKG_BLOCK; 64 rows of a 9576-px
+#: frame are 2.4 MB per float32 array, so a band's dozen arrays stay in the L3 cache.
+BAND_ROWS = 64
+#: Halo rows of the cosmic-ray stencil (:func:`gppy_calib.masks.cosmic_ray_candidates`).
+CR_HALO = 3
+
+_SAT = int(MaskBit.SATURATED)
+_NONFINITE = int(MaskBit.NONFINITE)
+_BAD = int(MaskBit.BAD)
+
+
+@dataclass
+class FrameTerms:
+    """Everything the reduction of a frame needs from its masters (shared by the frames that
+    use the same masters and exposure-time scale).
+
+    Attributes
+    ----------
+    offset : array
+        ``bias + dark * s``, raw ADU.
+    invflat : array
+        ``1 / flat`` (inf or NaN where the flat is 0 or NaN).
+    bad : array of uint16
+        ``BAD`` and ``EDGE`` bits from the masters.
+    var_a, var_b, var_c : array
+        Variance terms, ``var = a + sky * (b + sky * c)`` (reduced ADU^2).
+    nbad : int
+        Pixels with the ``BAD`` bit.
+    regular : bool
+        ``a > 0`` and ``b, c >= 0``, all finite, on every unflagged pixel: the variance is then
+        finite and positive there for any sky >= 0.
+    floor_a, floor_b, floor_c : numpy.ndarray
+        Minimum of ``a``, ``b``, ``c`` over the unflagged pixels of each block of
+        :data:`BAND_ROWS` rows (inf for a block without one): a lower bound of the variance
+        of a band, for the cosmic-ray pre-screen.
+    """
+
+    offset: object
+    invflat: object
+    bad: object
+    var_a: object
+    var_b: object
+    var_c: object
+    nbad: int = 0
+    regular: bool = False
+    floor_a: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    floor_b: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    floor_c: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.offset.shape)
+
+    def var_floor(self, r0: int, r1: int, sky: float) -> float:
+        """A lower bound of the variance over the unflagged pixels of rows ``r0:r1``."""
+        k0, k1 = r0 // BAND_ROWS, -(-r1 // BAND_ROWS)
+        a, b, c = (float(np.min(f[k0:k1])) for f in (self.floor_a, self.floor_b, self.floor_c))
+        if not np.isfinite(a):
+            return float("inf")
+        return a + sky * (b + sky * c) if sky > 0 else a
+
+
+def frame_terms(bias, dark, flat, bias_err, dark_err, flat_err, bad, scale: float, gain: float,
+                rdnoise_adu: float, xp: ModuleType) -> FrameTerms:
+    """:class:`FrameTerms` of a master set (see :func:`gppy_calib.reduce.variance_terms` for the
+    arguments; ``bad`` is the uint16 mask of the masters)."""
+    f32 = xp.float32
+    offset = xp.asarray(bias, dtype=f32) + xp.asarray(dark, dtype=f32) * f32(scale)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        invflat = f32(1) / xp.asarray(flat, dtype=f32)
+    a, b, c = reduce.variance_terms(flat, dark, bias_err, dark_err, flat_err, scale, gain, rdnoise_adu, xp)
+    bad = xp.asarray(bad, dtype=xp.uint16)
+    good = bad == 0
+    ny = int(bad.shape[0])
+    floors = []
+    regular = True
+    with np.errstate(invalid="ignore"):
+        for t, lo in ((a, 0.0), (b, 0.0), (c, 0.0)):
+            g = xp.where(good, t, f32(np.inf))
+            fl = np.array([float(xp.min(g[r0:r0 + BAND_ROWS])) for r0 in range(0, ny, BAND_ROWS)])
+            floors.append(fl)
+            ok = xp.isfinite(t) & ((t > lo) if t is a else (t >= lo))
+            regular = regular and bool(xp.all(ok | ~good))
+    nbad = int(xp.count_nonzero(bad & xp.uint16(_BAD)))
+    return FrameTerms(offset, invflat, bad, a, b, c, nbad, regular, *floors)
+
+
+def variance_at(terms: FrameTerms, sky: float, ys, xs, xp: ModuleType) -> np.ndarray:
+    """Background variance ``a + sky (b + sky c)`` at the pixels ``(ys, xs)`` (host arrays of
+    any shape), reduced ADU^2, as a host float32 array."""
+    s = np.float32(max(float(sky), 0.0))
+    if backend_name(xp) != "numpy":
+        ys, xs = xp.asarray(ys), xp.asarray(xs)
+    a, b, c = terms.var_a[ys, xs], terms.var_b[ys, xs], terms.var_c[ys, xs]
+    return to_host(a + s * (b + s * c)).astype(np.float32, copy=False)
+
+
+@dataclass
+class FrameStats:
+    """Sub-grid statistics of a frame (every ``step``-th pixel in each axis).
+
+    Attributes
+    ----------
+    sky : float
+        Median of the good reduced pixels (NaN when none), reduced ADU.
+    background : numpy.ndarray or None
+        Block medians of the trail search (:func:`gppy_calib.trails.block_background`).
+    raw_min, raw_max : float
+        Extremes of the finite raw values of the sub-grid (NaN when none).
+    """
+
+    sky: float
+    background: np.ndarray | None
+    raw_min: float = float("nan")
+    raw_max: float = float("nan")
+
+    @property
+    def maybe_empty(self) -> bool:
+        """True when the sub-grid is all non-finite or constant: the whole frame must be checked
+        (:func:`gppy_calib.night.check_signal`); otherwise it holds image data."""
+        return not (np.isfinite(self.raw_min) and np.isfinite(self.raw_max)) or self.raw_min == self.raw_max
+
+
+def frame_statistics(raw, terms: FrameTerms, sat_raw: float, xp: ModuleType, background: bool,
+                     step: int = reduce.STAT_STEP) -> FrameStats:
+    """The sky (median of the good reduced pixels on the sub-grid) and, when asked, the trail
+    search's block background, from every ``step``-th pixel of the raw frame.
+
+    ``raw`` may be any array-like that slices into float32 ADU (a NumPy array or a
+    :class:`gppy_calib.rawio.RawImage`). Good pixels: no master flag, below ``sat_raw``,
+    finite once reduced (the mask the pass builds, on the sub-grid).
+    """
+    f32 = xp.float32
+    raw_s = xp.asarray(raw[::step, ::step], dtype=f32)
+    with np.errstate(invalid="ignore"):
+        red_s = (raw_s - terms.offset[::step, ::step]) * terms.invflat[::step, ::step]
+    good = (terms.bad[::step, ::step] == 0) & (raw_s < f32(sat_raw)) & xp.isfinite(red_s)
+    vals = red_s[good]
+    sky = float(xp.median(vals)) if int(vals.size) else float("nan")
+    bkg = None
+    if background:
+        bkg = trails.block_background(to_host(red_s), to_host(good), tuple(terms.shape), trails.BKG_BLOCK, step)
+    fin = raw_s[xp.isfinite(raw_s)]
+    lo, hi = (float(xp.min(fin)), float(xp.max(fin))) if int(fin.size) else (float("nan"), float("nan"))
+    return FrameStats(sky, bkg, lo, hi)
+
+
+@dataclass
+class FrameBuffers:
+    """Host buffers of one frame's products, as written (big-endian), reused from frame to frame.
+
+    Attributes
+    ----------
+    image_be, weight_be : numpy.ndarray
+        Reduced image and weight (big-endian float32).
+    mask_be : numpy.ndarray
+        Bit mask (big-endian int16, :data:`gppy.masks.MASK_DTYPE`).
+    """
+
+    image_be: np.ndarray
+    weight_be: np.ndarray
+    mask_be: np.ndarray
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int]) -> FrameBuffers:
+        return cls(np.empty(shape, ">f4"), np.empty(shape, ">f4"), np.empty(shape, ">i2"))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.image_be.shape)
+
+
+@dataclass
+class FramePass:
+    """What the pass found besides the products in the buffers.
+
+    Attributes
+    ----------
+    counts : dict
+        Pixels flagged ``BAD``, ``SATURATED`` and ``NONFINITE``.
+    cr_y, cr_x : numpy.ndarray
+        Cosmic-ray candidate pixels (not grown), int64.
+    binned : numpy.ndarray or None
+        Binned S/N image of the trail search.
+    """
+
+    counts: dict = field(default_factory=dict)
+    cr_y: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    cr_x: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    binned: np.ndarray | None = None
+
+
+def reduce_pass(raw, terms: FrameTerms, stats: FrameStats, sat_raw: float, gain: float, out: FrameBuffers,
+                xp: ModuleType, *, cosmic_rays: bool, satellite_trails: bool, workers: int = 2,
+                band_rows: int = BAND_ROWS) -> FramePass:
+    """Reduce a frame and build its mask, weight, cosmic-ray candidates and binned S/N image.
+
+    Parameters
+    ----------
+    raw : array-like
+        Raw frame, sliceable by rows into float32 ADU (NumPy array or
+        :class:`gppy_calib.rawio.RawImage`).
+    terms : FrameTerms
+    stats : FrameStats
+        Sky and (for trails) the block background of this frame.
+    sat_raw : float
+        Raw saturation level, ADU.
+    gain : float
+        e-/ADU of the reduced frame (the sources' Poisson term of the cosmic-ray noise).
+    out : FrameBuffers
+        Filled in place.
+    xp : module
+    cosmic_rays, satellite_trails : bool
+        Whether to collect the candidates / the binned S/N image.
+    workers : int
+        Threads sharing the bands (NumPy only).
+    band_rows : int
+        Rows per band (:data:`BAND_ROWS`; with CuPy the whole frame is one band).
+
+    Returns
+    -------
+    FramePass
+    """
+    f32 = xp.float32
+    ny, nx = terms.shape
+    sky_cr = float(stats.sky) if np.isfinite(stats.sky) else 0.0     # the cosmic-ray noise's sky
+    sky = f32(max(sky_cr, 0.0))                                         # the variance model's (>= 0)
+    cpu = backend_name(xp) == "numpy"
+    step = band_rows if cpu else -(-ny // band_rows) * band_rows
+    bands = [(r0, min(ny, r0 + step)) for r0 in range(0, ny, step)]
+    nbx = nx // trails.BIN
+    binned = np.zeros((ny // trails.BIN, nbx), np.float32) if satellite_trails else None
+    if satellite_trails:
+        bkg = xp.asarray(stats.background)                               # (blocks y, blocks x)
+        bkg_cols = bkg[:, xp.arange(nx) // trails.BKG_BLOCK]            # (blocks y, nx)
+    sat = f32(sat_raw)
+    halo = CR_HALO if cosmic_rays else 0
+    sat_bit, nf_bit = xp.uint16(_SAT), xp.uint16(_NONFINITE)
+
+    def band(rows: tuple[int, int]) -> dict:
+        r0, r1 = rows
+        a0, a1 = max(0, r0 - halo), min(ny, r1 + halo)
+        own = slice(r0 - a0, r1 - a0)
+        raw_b = xp.asarray(raw[a0:a1], dtype=f32)
+        with np.errstate(invalid="ignore", over="ignore"):
+            red = raw_b - terms.offset[a0:a1]
+            red *= terms.invflat[a0:a1]
+            total = xp.sum(red)
+        raw_o = raw_b[own]
+        m = terms.bad[r0:r1].copy()
+        is_sat = raw_o >= sat
+        nsat = int(xp.count_nonzero(is_sat))
+        if nsat:
+            m[is_sat] |= sat_bit
+        nonfinite = 0
+        if not bool(xp.isfinite(total)):                 # rare: NaN/inf in the raw or the masters
+            finite = xp.isfinite(red)
+            nonfinite = int(red[own].size - xp.count_nonzero(finite[own]))
+            red = xp.where(finite, red, f32(0))
+            m[~finite[own]] |= nf_bit
+        red_o = red[own]
+        var = terms.var_c[r0:r1] * sky
+        var += terms.var_b[r0:r1]
+        var *= sky
+        var += terms.var_a[r0:r1]
+        masked = m != 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if terms.regular:                            # var > 0 and finite wherever m == 0
+                w = f32(1) / var
+                w[masked] = 0
+            else:
+                ok = ~masked & (var > 0) & xp.isfinite(var)
+                w = xp.where(ok, f32(1) / var, f32(0))
+        out.image_be[r0:r1] = to_host(red_o)
+        out.weight_be[r0:r1] = to_host(w)
+        out.mask_be[r0:r1] = to_host(m)
+        res = {"saturated": nsat, "nonfinite": nonfinite}
+        if cosmic_rays:
+            ys, xs = masks.cosmic_ray_candidates(xp, red, var, masked, sky_cr, gain,
+                                                 pad_rows=(halo - (r0 - a0), halo - (a1 - r1)),
+                                                 var_floor=terms.var_floor(r0, r1, float(sky)))
+            res["cr"] = (ys + r0, xs)
+        if satellite_trails:
+            nb = (r1 - r0) // trails.BIN
+            if nb and nbx:
+                blk = r0 // trails.BKG_BLOCK
+                if (r1 - 1) // trails.BKG_BLOCK == blk:
+                    bk = bkg_cols[blk][None, :]
+                else:
+                    bk = bkg_cols[xp.arange(r0, r1) // trails.BKG_BLOCK]
+                snr = red_o - bk
+                snr *= xp.sqrt(w)                        # 1 / noise, 0 where masked
+                b0 = r0 // trails.BIN
+                binned[b0:b0 + nb] = to_host(trails.bin_snr(snr, trails.BIN))
+        return res
+
+    if cpu and workers > 1 and len(bands) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(band, bands))
+    else:
+        results = [band(b) for b in bands]
+    fp = FramePass(binned=binned)
+    fp.counts = {"bad": terms.nbad, **{k: sum(r[k] for r in results) for k in ("saturated", "nonfinite")}}
+    if cosmic_rays:
+        fp.cr_y = np.concatenate([r["cr"][0] for r in results])
+        fp.cr_x = np.concatenate([r["cr"][1] for r in results])
+    return fp
+
+
+def flag_pixels(out: FrameBuffers, ys: np.ndarray, xs: np.ndarray, bit: int) -> None:
+    """Set ``bit`` in the mask and zero the weight at the pixels ``(ys, xs)``."""
+    if ys.size:
+        out.mask_be[ys, xs] = out.mask_be[ys, xs] | np.int16(bit)
+        out.weight_be[ys, xs] = 0
+
+
+class PixelSNR:
+    """The trail search's full-resolution S/N image, computed only at the pixels asked for.
+
+    ``snr[ys, xs]`` is ``(image - background) / sqrt(var)`` there, 0 on masked (mask != 0,
+    read at the time of the call) or non-finite pixels and where set to 0 (``snr[ys, xs] =
+    0``); the same values as :func:`gppy_calib.trails.snr_image` with the background of
+    :func:`frame_statistics`. See :func:`gppy_calib.trails.search`.
+    """
+
+    def __init__(self, image: np.ndarray, terms: FrameTerms, stats: FrameStats, mask: np.ndarray, xp: ModuleType):
+        # image and mask may be the big-endian buffers (:class:`FrameBuffers`)
+        self.shape = tuple(image.shape)
+        self._image, self._terms, self._mask, self._xp = image, terms, mask, xp
+        self._sky = stats.sky if np.isfinite(stats.sky) else 0.0
+        self._bkg = np.asarray(stats.background, dtype=np.float32)
+        self._zero: np.ndarray | None = None
+
+    def __getitem__(self, key) -> np.ndarray:
+        ys, xs = (np.asarray(k, dtype=np.int64) for k in key)
+        var = variance_at(self._terms, self._sky, ys, xs, self._xp)
+        bk = self._bkg[ys // trails.BKG_BLOCK, xs // trails.BKG_BLOCK]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            snr = (self._image[ys, xs].astype(np.float32) - bk) / np.sqrt(var)
+        good = (self._mask[ys, xs] == 0) & np.isfinite(snr)
+        if self._zero is not None:
+            good &= ~self._zero[ys, xs]
+        return np.where(good, snr, np.float32(0)).astype(np.float32, copy=False)
+
+    def __setitem__(self, key, value) -> None:
+        if np.any(np.asarray(value) != 0):
+            raise ValueError("PixelSNR only accepts zeros")
+        if self._zero is None:
+            self._zero = np.zeros(self.shape, dtype=bool)
+        self._zero[key] = True
+
+    def rebin(self, binned: np.ndarray, ys: np.ndarray, xs: np.ndarray, b: int = trails.BIN) -> None:
+        """Recompute the bins of ``binned`` (:func:`gppy_calib.trails.bin_snr`) that hold the
+        pixels ``(ys, xs)``, after their mask changed."""
+        by, bx = ys // b, xs // b
+        ok = (by < binned.shape[0]) & (bx < binned.shape[1])
+        cells = np.unique(by[ok] * binned.shape[1] + bx[ok])
+        if cells.size == 0:
+            return
+        cy, cx = cells // binned.shape[1], cells % binned.shape[1]
+        off = np.arange(b)
+        py = (cy[:, None, None] * b + off[None, :, None]) + 0 * off[None, None, :]
+        px = (cx[:, None, None] * b + off[None, None, :]) + 0 * off[None, :, None]
+        binned[cy, cx] = self[py, px].reshape(cells.size, b * b).mean(axis=1) * np.float32(b)

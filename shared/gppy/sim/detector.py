@@ -217,11 +217,10 @@ def make_detector(shape: tuple[int, int], seed: int, physics: Physics | None = N
             np.subtract(np.float32(1.0), t, out=rho2)
     prnu = np.ones(shape, np.float32)
     if physics.prnu:
+        # float64 draws band by band: the same stream as one (ny, nx) draw, so the dust rings and
+        # bad columns drawn after it are those of every earlier version of the simulator
         for r0, r1 in bands:
-            band = prnu[r0:r1]
-            rng.standard_normal(band.shape, dtype=np.float32, out=band)
-            band *= np.float32(0.005)
-            band += np.float32(1.0)
+            prnu[r0:r1] += rng.normal(0.0, 0.005, (r1 - r0, nx)).astype(np.float32)
     dust = _dust_rings(shape, max(2, int(round(nx * ny / 6e5))), rng) if physics.dust else []
     bad: list[BadColumn] = []
     if physics.bad_columns:

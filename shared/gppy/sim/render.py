@@ -123,7 +123,7 @@ def render_moffat(image: np.ndarray, x: np.ndarray, y: np.ndarray, flux: np.ndar
                     else:
                         prof *= mbeta[idx][:, None]
                     np.exp(prof, out=prof)
-                    prof *= (flux[idx] / prof.sum(axis=1, dtype=np.float64)).astype(np.float32)[:, None]
+                    prof *= (flux[idx] / prof.sum(axis=1)).astype(np.float32)[:, None]   # float32 pairwise sum
                     lin = (iy[idx] * nx + ix[idx])[:, None] + goff[None, :]
                     if clipped:
                         px = ix[idx][:, None] + gx[None, :]

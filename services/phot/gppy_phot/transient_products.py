@@ -367,8 +367,12 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
         if len(cs) >= 5:
             med = float(np.median(cs))
             star_conc = (med, float(np.median(np.abs(cs - med))))
+    # Source Extractor gives FWHM_IMAGE = 0 when it cannot measure it (faint sources in
+    # correlated noise): unmeasured, not sharp
+    fwhm_det = np.asarray(det["FWHM_IMAGE"], float)
+    fwhm_det = np.where(fwhm_det > 0, fwhm_det, np.nan)
     meas = {"x": x, "y": y, "sign": sign, "snr_psf": snr_psf, "ELLIPTICITY": np.asarray(det["ELLIPTICITY"], float),
-            "FWHM_IMAGE": np.asarray(det["FWHM_IMAGE"], float), "FLAGS": np.asarray(det["FLAGS"]),
+            "FWHM_IMAGE": fwhm_det, "FLAGS": np.asarray(det["FLAGS"]),
             "BACKGROUND": np.asarray(det["BACKGROUND"], float), "sigma_local": local_sig, "conc": conc,
             "conc_err": conc_err, "dipole_frac": dipole, "lobe_ratio": lobe_ratio, "lobe_snr": lobe_snr, "masked": masked, "in_footprint": in_fp,
             "ref_min_sig": ref_min}

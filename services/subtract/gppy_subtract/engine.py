@@ -113,6 +113,12 @@ class EngineParams:
         matching width.
     photon_noise : bool
         Add the sources' photon noise (from EGAIN) to the noise image.
+    mask_growth : 'footprint' | 'light'
+        How masked pixels of the convolved image spoil the difference (``GROWN``): the whole
+        kernel footprint around each (HOTPANTS), or only where the light they may have held,
+        estimated from the other image, matters against the noise (:func:`_grown_mask`; the
+        footprint still around saturated pixels). On a stack with a few bad columns and hot
+        pixels and a 20-px kernel the footprint rule masks 15-40 % of the difference.
     """
 
     nregions: tuple[int, int] = (3, 2)
@@ -132,6 +138,7 @@ class EngineParams:
     degrees: tuple[int, ...] = (6, 4, 2, 0)
     width_ratios: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     photon_noise: bool = True
+    mask_growth: Literal["footprint", "light"] = "footprint"
 
 
 @dataclass
@@ -294,13 +301,61 @@ def _prepare(plane: Plane, xp) -> Plane:
     return Plane(data, var, mask, plane.egain, plane.saturate)
 
 
+#: Mask bits of the convolved image whose pixels may hold any flux (a saturated core): the
+#: whole kernel footprint around them is masked.
+HARD_BITS = int(MaskBit.SATURATED | MaskBit.NONFINITE)
+#: A masked pixel of the convolved image spoils a difference pixel when the light it may have
+#: held, spread by the kernel, exceeds this fraction of the difference's noise there.
+GROW_NOISE_FRACTION = 0.2
+
+
+def _grown_mask(tgt: Plane, src: Plane, regions: list[RegionFit], var, sky_t: float, direction: str,
+                fwhm_t: float, fwhm_i: float, r: int, xp, fft, tile: int):
+    """Difference pixels spoilt by masked pixels of the convolved image.
+
+    A masked pixel of the convolved image (filled with its sky) lacks whatever light it held,
+    and the kernel spreads that lack over its footprint. Around saturated or non-finite
+    pixels (any flux) the whole footprint is masked. Elsewhere (cosmic rays, bad columns, hot
+    pixels, trails, the edge of the data) the light is estimated from the other image at the
+    same place: its significant part (beyond 2 sigma), on the convolved image's scale and
+    peak height (times (FWHM_t / FWHM_i)^2 when the convolved image is the sharper), convolved
+    with ``|K|``; a difference pixel is masked where that exceeds :data:`GROW_NOISE_FRACTION`
+    of its noise. Masked pixels on blank sky thus spoil nothing, and only the difference
+    pixels near sources lose to a masked pixel nearby. Where both images are masked the light
+    is unknown and the whole footprint is masked.
+    """
+    smask = src.mask != 0
+    hard = ((src.mask & HARD_BITS) != 0) | (smask & (tgt.mask != 0))
+    grown = dilate(hard, r, xp)
+    soft = smask & ~hard
+    if not bool(soft.any()):
+        return grown
+    peak = max(1.0, (fwhm_t / max(fwhm_i, 1e-3)) ** 2)
+    sig_t = xp.sqrt(xp.clip(tgt.var, 0, None))
+    light = xp.where(soft, xp.clip(xp.abs(tgt.data - xp.float32(sky_t)) - 2 * sig_t, 0, None), 0).astype(xp.float32)
+    del sig_t
+    for reg in regions:
+        y0, y1, x0, x1 = reg.bounds
+        sol = reg.solution
+        k = xp.abs(xp.asarray(sol.kernel_at(0.5 * (x0 + x1 - 1), 0.5 * (y0 + y1 - 1)), dtype=xp.float32))
+        flux = abs(float(sol.flux)) or 1.0
+        # the source's light = target light / kernel sum; spread by |K| (target units)
+        spread = convolve_tilewise(light, reg.bounds, k, xp, fft, tile=tile) * xp.float32(peak / flux)
+        if direction == "science":
+            spread = spread * xp.float32(1.0 / flux)      # the difference is on the science scale
+        noise = xp.sqrt(xp.clip(var[y0:y1, x0:x1], 0, None))
+        grown[y0:y1, x0:x1] |= spread > GROW_NOISE_FRACTION * noise
+    return grown
+
+
 def _stamp_data(tgt: Plane, src: Plane, stars: st.Stars, idx, rss: int, r: int, xp) -> StampData:
     ys, xs = stars.y[idx], stars.x[idx]
     return StampData(xs=xs, ys=ys,
                      target=st.gather_stamps(tgt.data, ys, xs, rss, xp),
                      var_target=st.gather_stamps(tgt.var, ys, xs, rss, xp),
                      source=st.gather_stamps(src.data, ys, xs, rss + r, xp),
-                     var_source=st.gather_stamps(src.var, ys, xs, rss + r, xp))
+                     var_source=st.gather_stamps(src.var, ys, xs, rss + r, xp),
+                     bad=st.stamp_bad(tgt.mask, src.mask, ys, xs, rss, r, xp))
 
 
 def subtract(science: Plane, reference: Plane, xp, params: EngineParams | None = None) -> SubtractionResult:
@@ -358,9 +413,10 @@ def _subtract(science: Plane, reference: Plane, xp, p: EngineParams) -> Subtract
         fwhm_r = float(np.median(stars.fwhm_r))
         direction = choose_direction(fwhm_s, fwhm_r, p.convolve)
         tgt, src = (S, R) if direction == "reference" else (R, S)
-        # the image that is convolved must be neutral (0) where masked
-        src = Plane(xp.where(src.mask == 0, src.data, 0).astype(xp.float32), src.var, src.mask, src.egain,
-                    src.saturate)
+        # the image that is convolved must be neutral where masked: its sky level
+        sky_fill, _ = st.sky_level(src.data, src.mask, xp)
+        src = Plane(xp.where(src.mask == 0, src.data, xp.float32(sky_fill)).astype(xp.float32), src.var, src.mask,
+                    src.egain, src.saturate)
         fw_t = stars.fwhm_s if direction == "reference" else stars.fwhm_r
         fw_i = stars.fwhm_r if direction == "reference" else stars.fwhm_s
         spec = design_basis(float(np.median(fw_i)), float(np.median(fw_t)), degrees=p.degrees,
@@ -370,7 +426,9 @@ def _subtract(science: Plane, reference: Plane, xp, p: EngineParams) -> Subtract
         r = spec.half_width
         rss = p.stamp_half_width or max(r + 4, int(math.ceil(3.0 * np.median(fw_t))))
         basis = gaussian_hermite_basis(spec)
-        ok = st.usable(stars, S.mask, R.mask, rss, r, shape, xp)
+        # stamps may hold masked pixels (left out of the fit), but not at the star's core
+        ok = st.usable_with_masks(stars, tgt.mask, src.mask, rss, r, shape, xp,
+                                  core_radius=max(2.0, 1.5 * float(np.median(fw_t))))
         good = stars.take(np.nonzero(ok)[0])
         if len(good) < 3:
             raise EngineError(f"only {len(good)} usable stamp stars (of {len(stars)} in both images)")
@@ -442,7 +500,11 @@ def _subtract(science: Plane, reference: Plane, xp, p: EngineParams) -> Subtract
     with timer("mask"):
         out = sci_mask.copy()
         out[ref_mask != 0] |= int(MaskBit.REFERENCE)
-        grown = dilate(src.mask != 0, r, xp)
+        if p.mask_growth == "light":
+            grown = _grown_mask(tgt, src, regions, var, sky_t, direction, float(np.median(fw_t)),
+                                float(np.median(fw_i)), r, xp, fft, p.tile)
+        else:
+            grown = dilate(src.mask != 0, r, xp)
         grown &= out == 0
         out[grown] |= int(MaskBit.GROWN)
         del grown

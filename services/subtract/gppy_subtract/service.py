@@ -219,8 +219,12 @@ def reference_on_grid(ref_path: Path, sci: Inputs, scratch_root: Path, filt: str
 
 
 def engine_params(settings) -> EngineParams:
+    """Engine settings; masked pixels of the convolved image spoil the difference only where
+    the light they may have held matters (``mask_growth="light"``; the settings may say
+    ``subtract_mask_growth = "footprint"`` for HOTPANTS' whole-footprint rule)."""
     nx, ny = settings.subtract_nregions
-    return EngineParams(nregions=(int(nx), int(ny)), convolve=getattr(settings, "subtract_convolve", "auto"))
+    return EngineParams(nregions=(int(nx), int(ny)), convolve=getattr(settings, "subtract_convolve", "auto"),
+                        mask_growth=getattr(settings, "subtract_mask_growth", "light"))
 
 
 def product_paths(sci_path: Path, ref_path: Path, sci_header: fits.Header, convolved: str) -> dict[str, Path]:

@@ -47,6 +47,8 @@ class StampData:
         Stamps of the image to convolve, padded by the kernel half-width r.
     var_source : array (n, S+2r, S+2r)
         Background variance of the image to convolve (its units^2).
+    bad : bool array (n, S, S), optional
+        Target pixels left out of the fit (masked, or reached by a masked source pixel).
     """
 
     xs: np.ndarray
@@ -55,6 +57,7 @@ class StampData:
     var_target: object
     source: object
     var_source: object
+    bad: object = None
 
     def __len__(self) -> int:
         return int(self.xs.size)
@@ -263,8 +266,12 @@ def fit_kernel(stamps: StampData, basis: np.ndarray, bounds: tuple[int, int, int
     npar = 1 + m + nbg
     basis_x = xp.asarray(basis, dtype=xp.float64)
 
+    bad = None if stamps.bad is None else xp.asarray(stamps.bad).reshape(n, npix)
+
     def stamp_products(var):
         w = xp.where(var > 0, 1.0 / xp.where(var > 0, var, 1.0), 0.0)
+        if bad is not None:
+            w = xp.where(bad, 0.0, w)
         Cw = C * w[:, None, :]
         Bw = Bd * w[:, None, :]
         return (w, xp.matmul(Cw, xp.swapaxes(C, 1, 2)),       # Q (n, nb, nb)

@@ -285,6 +285,76 @@ def find_stars(sci_data, sci_var, sci_mask, ref_data, ref_var, ref_mask, xp, *, 
                  peak_r=pk_r[good])
 
 
+def stamp_bad(tgt_mask, src_mask, ys, xs, half_stamp: int, half_kernel: int, xp):
+    """Pixels of each target stamp that the kernel fit cannot use.
+
+    A target pixel is unusable when it is masked in the target, or when a masked pixel of the
+    image to convolve lies within ``half_kernel`` of it (Chebyshev distance: the kernel
+    footprint), since that pixel was set to a neutral value before the convolution.
+
+    Returns
+    -------
+    bool array (n, 2*half_stamp+1, 2*half_stamp+1), on the backend of the masks.
+    """
+    s = 2 * half_stamp + 1
+    r = int(half_kernel)
+    tb = gather_stamps(tgt_mask, ys, xs, half_stamp, xp) != 0
+    sb = (gather_stamps(src_mask, ys, xs, half_stamp + r, xp) != 0).astype(xp.int32)
+    # box sums of width 2r+1 over the padded source stamps by cumulative sums
+    c = xp.cumsum(xp.cumsum(sb, axis=1), axis=2)
+    c = xp.pad(c, ((0, 0), (1, 0), (1, 0)))
+    w = 2 * r + 1
+    box = c[:, w:w + s, w:w + s] - c[:, :s, w:w + s] - c[:, w:w + s, :s] + c[:, :s, :s]
+    return tb | (box > 0)
+
+
+def usable_with_masks(stars: Stars, tgt_mask, src_mask, half_stamp: int, half_kernel: int, shape, xp,
+                      core_radius: float, max_core_fraction: float = 0.05, max_fraction: float = 0.3,
+                      isolation: float = 0.3) -> np.ndarray:
+    """Which stars can serve as stamps when masked pixels are left out of the fit.
+
+    As :func:`usable`, but a stamp may contain masked pixels: the unusable pixels
+    (:func:`stamp_bad`) must be fewer than ``max_core_fraction`` of those within
+    ``core_radius`` of the star and fewer than ``max_fraction`` of the whole stamp. (Requiring
+    a stamp free of every masked pixel over its padded footprint leaves almost none on a
+    frame with a few bad columns and hot pixels and a kernel 20 px wide.)
+
+    Returns
+    -------
+    host bool array (n,)
+    """
+    n = len(stars)
+    ok = np.zeros(n, bool)
+    if n == 0:
+        return ok
+    h, w = shape
+    ext = half_stamp + half_kernel
+    ok = (stars.y >= ext) & (stars.x >= ext) & (stars.y < h - ext) & (stars.x < w - ext)
+    idx = np.nonzero(ok)[0]
+    off = np.arange(-half_stamp, half_stamp + 1)
+    core = xp.asarray(np.hypot(off[:, None], off[None, :]) <= core_radius)
+    ncore = float(core.sum())
+    npix = float((2 * half_stamp + 1) ** 2)
+    for chunk in range(0, idx.size, 1024):
+        sel = idx[chunk:chunk + 1024]
+        bad = stamp_bad(tgt_mask, src_mask, stars.y[sel], stars.x[sel], half_stamp, half_kernel, xp)
+        fcore = to_host((bad & core[None]).reshape(sel.size, -1).sum(axis=1)) / ncore
+        fall = to_host(bad.reshape(sel.size, -1).sum(axis=1)) / npix
+        ok[sel] = (fcore <= max_core_fraction) & (fall <= max_fraction)
+    from scipy.spatial import cKDTree
+
+    pts = np.column_stack([stars.y, stars.x]).astype(float)
+    tree = cKDTree(pts)
+    for i, nbrs in enumerate(tree.query_ball_point(pts, r=float(half_stamp))):
+        if not ok[i] or len(nbrs) <= 1:
+            continue
+        nb = np.array([j for j in nbrs if j != i])
+        if (np.any(stars.flux_s[nb] > isolation * stars.flux_s[i])
+                or np.any(stars.flux_r[nb] > isolation * stars.flux_r[i])):
+            ok[i] = False
+    return ok
+
+
 def usable(stars: Stars, sci_mask, ref_mask, half_stamp: int, half_kernel: int, shape, xp,
            isolation: float = 0.3) -> np.ndarray:
     """Which stars can serve as stamps for a kernel of half-width ``half_kernel``.

@@ -16,7 +16,8 @@ GIL in its loops). One pass gives, per pixel:
 * the candidate pixels of the cosmic-ray search (:func:`gppy_calib.masks.cosmic_ray_candidates`,
   with a 3-row halo so that bands see their neighbours);
 * the binned S/N image of the trail search (:func:`gppy_calib.trails.snr_image` binned by
-  :data:`gppy_calib.trails.BIN`).
+  :data:`gppy_calib.trails.BIN`), with the cosmic-ray candidates left out (they are sharp:
+  no trail light), so that the trail search need not wait for the cosmic rays.
 
 The sky level and the trail search's background, both medians of every 4th pixel, come
 first from that sub-grid (:func:`frame_statistics`), so that the pass needs them ready.
@@ -331,6 +332,8 @@ def reduce_pass(raw, terms: FrameTerms, stats: FrameStats, sat_raw: float, gain:
                     bk = bkg_cols[xp.arange(r0, r1) // trails.BKG_BLOCK]
                 snr = red_o - bk
                 snr *= xp.sqrt(w)                        # 1 / noise, 0 where masked
+                if cosmic_rays and res["cr"][0].size:    # sharp candidates are no trail light
+                    snr[xp.asarray(res["cr"][0] - r0), xp.asarray(res["cr"][1])] = 0
                 b0 = r0 // trails.BIN
                 binned[b0:b0 + nb] = to_host(trails.bin_snr(snr, trails.BIN))
         return res
@@ -364,13 +367,17 @@ class PixelSNR:
     :func:`frame_statistics`. See :func:`gppy_calib.trails.search`.
     """
 
-    def __init__(self, image: np.ndarray, terms: FrameTerms, stats: FrameStats, mask: np.ndarray, xp: ModuleType):
-        # image and mask may be the big-endian buffers (:class:`FrameBuffers`)
+    def __init__(self, image: np.ndarray, terms: FrameTerms, stats: FrameStats, mask: np.ndarray, xp: ModuleType,
+                 exclude: tuple[np.ndarray, np.ndarray] | None = None):
+        # image and mask may be the big-endian buffers (:class:`FrameBuffers`); ``exclude``:
+        # pixels read as 0 (the cosmic-ray candidates, as in the binned image of the pass)
         self.shape = tuple(image.shape)
         self._image, self._terms, self._mask, self._xp = image, terms, mask, xp
         self._sky = stats.sky if np.isfinite(stats.sky) else 0.0
         self._bkg = np.asarray(stats.background, dtype=np.float32)
         self._zero: np.ndarray | None = None
+        if exclude is not None and np.size(exclude[0]):
+            self[exclude] = 0.0
 
     def __getitem__(self, key) -> np.ndarray:
         ys, xs = (np.asarray(k, dtype=np.int64) for k in key)
@@ -389,17 +396,3 @@ class PixelSNR:
         if self._zero is None:
             self._zero = np.zeros(self.shape, dtype=bool)
         self._zero[key] = True
-
-    def rebin(self, binned: np.ndarray, ys: np.ndarray, xs: np.ndarray, b: int = trails.BIN) -> None:
-        """Recompute the bins of ``binned`` (:func:`gppy_calib.trails.bin_snr`) that hold the
-        pixels ``(ys, xs)``, after their mask changed."""
-        by, bx = ys // b, xs // b
-        ok = (by < binned.shape[0]) & (bx < binned.shape[1])
-        cells = np.unique(by[ok] * binned.shape[1] + bx[ok])
-        if cells.size == 0:
-            return
-        cy, cx = cells // binned.shape[1], cells % binned.shape[1]
-        off = np.arange(b)
-        py = (cy[:, None, None] * b + off[None, :, None]) + 0 * off[None, None, :]
-        px = (cx[:, None, None] * b + off[None, None, :]) + 0 * off[None, :, None]
-        binned[cy, cx] = self[py, px].reshape(cells.size, b * b).mean(axis=1) * np.float32(b)

@@ -22,11 +22,13 @@ The weight is ``1 / variance`` (reduced ADU^-2) where the mask is 0 and 0 elsewh
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 
 import numpy as np
 from scipy import ndimage
+from threadpoolctl import threadpool_limits
 
 from gppy.masks import MaskBit
 from gppy.xp import to_host
@@ -189,7 +191,7 @@ def cosmic_ray_candidates(xp: ModuleType, image, var, inmask, sky: float, gain: 
         """``img[lo:hi]`` with rows outside ``img`` mirrored (a copy only then)."""
         if lo >= 0 and hi <= height:
             return img[lo:hi]
-        return img[_reflect(np.arange(lo, hi), height)]
+        return img[xp.asarray(_reflect(np.arange(lo, hi), height))]
 
     c = img[r0:r1]
     inmask = xp.asarray(inmask, dtype=bool)
@@ -295,7 +297,8 @@ def cosmic_ray_windows(image: np.ndarray, variance_at, mask, cand_y: np.ndarray,
                        gain: float, rdnoise_e: float, satlevel: float, params: dict | None = None,
                        fill_bits: int = CR_FILL_BITS, protect_bits: int = int(MaskBit.SATURATED),
                        core: int = CR_CORE, pad: int = CR_PAD, grow: int = CR_GROW,
-                       workers: int = 1, stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                       workers: int = 1, omp_threads: int | None = 1,
+                       stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cosmic rays with astroscrappy (L.A.Cosmic), run only around candidate pixels.
 
     Each group of candidates (:func:`cosmic_ray_candidates`) becomes a core region
@@ -343,6 +346,10 @@ def cosmic_ray_windows(image: np.ndarray, variance_at, mask, cand_y: np.ndarray,
         See :func:`cosmic_ray_cores` and above, px.
     workers : int
         Mosaics run in parallel threads.
+    omp_threads : int or None
+        OpenMP threads of each astroscrappy call (None: its default, all cores). One, with
+        the parallelism at the level of the caller's threads, avoids OpenMP threads spinning
+        at their barriers on a busy machine.
     stats : dict, optional
         Filled with ``candidates``, ``windows`` and ``pixels`` (the mosaic's size).
 
@@ -391,10 +398,13 @@ def cosmic_ray_windows(image: np.ndarray, variance_at, mask, cand_y: np.ndarray,
         extra = {}
         if protect[idx].any():
             extra["inmask"] = _mosaic(protect[idx], cols, False)
-        cr, _ = astroscrappy.detect_cosmics(_mosaic(data[idx], cols, sky), invar=_mosaic(invar[idx], cols, bg_var),
-                                            **extra, gain=float(gain), readnoise=float(rdnoise_e),
-                                            satlevel=float(satlevel), sepmed=True, cleantype="meanmask",
-                                            fsmode="median", verbose=False, **kw)
+        with contextlib.ExitStack() as stack:
+            if omp_threads is not None:
+                stack.enter_context(threadpool_limits(limits=int(omp_threads), user_api="openmp"))
+            cr, _ = astroscrappy.detect_cosmics(_mosaic(data[idx], cols, sky), invar=_mosaic(invar[idx], cols, bg_var),
+                                                **extra, gain=float(gain), readnoise=float(rdnoise_e),
+                                                satlevel=float(satlevel), sepmed=True, cleantype="meanmask",
+                                                fsmode="median", verbose=False, **kw)
         found[idx] = _unmosaic(cr, idx.size, w)
 
     if len(groups) > 1:

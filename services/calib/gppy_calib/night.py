@@ -19,6 +19,7 @@ Order of work (the whole stage, in one place):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -34,7 +35,7 @@ from astropy.io import fits
 from gppy import masks as gmasks
 from gppy import naming
 from gppy.config import PathConfig, Settings
-from gppy.fitsio import BadInputError, read_header, write_fits
+from gppy.fitsio import BadInputError, atomic_path, read_header
 from gppy.masks import MaskBit
 from gppy.provenance import stamp
 from gppy.tables import load_changehdr, load_obs
@@ -143,9 +144,9 @@ class NightCalibrator:
 
     cache_size = 4
     edge_pixels = 0
-    #: Threads of the banded reduction pass (NumPy) and of the astroscrappy mosaics.
+    #: Threads of the banded reduction pass (NumPy) and of the astroscrappy mosaics (one
+    #: thread when the trail search runs beside it).
     workers = 2
-    cr_workers = 1
 
     def __init__(self, settings: Settings, paths: PathConfig, unit: str, xp: ModuleType):
         self.settings = settings
@@ -464,6 +465,14 @@ class NightCalibrator:
             self._buf = frame.FrameBuffers.empty(tuple(shape))
         return self._buf
 
+    @staticmethod
+    def _timed(steps: dict, name: str, func, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            steps[f"{name} (in detect)"] = time.perf_counter() - t0
+
     def _gain(self, hdr: fits.Header) -> tuple[float, str]:
         try:
             g = float(hdr["EGAIN"])
@@ -545,34 +554,66 @@ class NightCalibrator:
                                satellite_trails=tr_on, workers=self.workers)
         lap("pass")
         sky = stats.sky
-        ncr = 0
-        trail_list: list = []
-        snr = frame.PixelSNR(buf.image_be, terms, stats, buf.mask_be, xp) if tr_on else None
-        if cr_on and fp.cr_y.size:
-            cy, cx = masks.cosmic_ray_windows(
-                buf.image_be, lambda y, x: frame.variance_at(terms, sky, y, x, xp), buf.mask_be, fp.cr_y, fp.cr_x,
-                sky, egain, rn_adu * gain, sat_red, workers=self.cr_workers)
-            ncr = int(cy.size)
-            frame.flag_pixels(buf, cy, cx, int(MaskBit.COSMIC_RAY))
-            if snr is not None:
-                snr.rebin(fp.binned, cy, cx)            # cosmic rays no longer count in the trail search
-        lap("cosmic_rays")
-        ntrlpix = 0
-        if tr_on:
-            trail_list = trails.search(fp.binned, snr)
-            if trail_list:
-                pix = [trails.trail_pixels(raw.shape, t) for t in trail_list]
-                flat = np.unique(np.concatenate([ty * raw.shape[1] + tx for ty, tx in pix]))
-                ntrlpix = int(flat.size)
-                frame.flag_pixels(buf, flat // raw.shape[1], flat % raw.shape[1], int(MaskBit.TRAIL))
-        counts = dict(fp.counts, cosmic_ray=ncr, trail=ntrlpix)
-        lap("trails")
-
-        hdr = self._science_header(job, gain, gain_src, egain, rn_adu, sat_raw, sat_red, scale, sky, counts,
-                                   trail_list)
         image_path = job.calib_path
         weight_path = naming.weight_of(image_path)
         mask_path = naming.flag_of(image_path)
+        counts = dict(fp.counts, cosmic_ray=0, trail=0)
+        hdr, whdr, mhdr = self._product_headers(job, gain, gain_src, egain, rn_adu, sat_raw, sat_red, scale, sky,
+                                                counts, [], (image_path, weight_path, mask_path))
+        products = ((image_path, buf.image_be, hdr), (weight_path, buf.weight_be, whdr), (mask_path, buf.mask_be, mhdr))
+        trail_list: list = []
+        cr_y = cr_x = np.zeros(0, np.int64)
+        with contextlib.ExitStack() as stack:
+            tmp = [stack.enter_context(atomic_path(path)) for path, _, _ in products]
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=4))
+            # the three files are written (into their temporary names) while the cosmic rays
+            # and trails are searched; their pixels are then patched in the files and the
+            # image header's counts rewritten in place (same size)
+            written = [pool.submit(_write_image, t, data, h) for t, (_, data, h) in zip(tmp, products, strict=True)]
+            # cosmic rays (astroscrappy, which releases the GIL) in a thread while the trail search
+            # runs here; both only read the buffers, the flags are set after
+            fut = None
+            if cr_on and fp.cr_y.size:
+                fut = pool.submit(self._timed, steps, "cosmic_rays", masks.cosmic_ray_windows, buf.image_be,
+                                  lambda y, x: frame.variance_at(terms, sky, y, x, xp), buf.mask_be, fp.cr_y, fp.cr_x,
+                                  sky, egain, rn_adu * gain, sat_red, workers=1 if tr_on else self.workers)
+            if tr_on:
+                snr = frame.PixelSNR(buf.image_be, terms, stats, buf.mask_be, xp, exclude=(fp.cr_y, fp.cr_x))
+                trail_list = self._timed(steps, "trails", trails.search, fp.binned, snr)
+            if fut is not None:
+                cr_y, cr_x = fut.result()
+            ny, nx = raw.shape
+            flagged = [cr_y * nx + cr_x]
+            frame.flag_pixels(buf, cr_y, cr_x, int(MaskBit.COSMIC_RAY))
+            if trail_list:
+                pix = [trails.trail_pixels(raw.shape, t) for t in trail_list]
+                tflat = np.unique(np.concatenate([ty * nx + tx for ty, tx in pix]))
+                counts["trail"] = int(tflat.size)
+                frame.flag_pixels(buf, tflat // nx, tflat % nx, int(MaskBit.TRAIL))
+                flagged.append(tflat)
+            counts["cosmic_ray"] = int(cr_y.size)
+            lap("detect")
+            flat = np.unique(np.concatenate(flagged))
+            fy, fx = flat // nx, flat % nx
+            final, _, _ = self._product_headers(job, gain, gain_src, egain, rn_adu, sat_raw, sat_red, scale, sky,
+                                                counts, trail_list, (image_path, weight_path, mask_path))
+            on_disk = [w.result() for w in written]
+            _patch_header(tmp[0], on_disk[0], final, ("NCRPIX", "NTRAIL", "NTRLPIX"), buf.image_be)
+            _patch_pixels(tmp[1], on_disk[1], buf.weight_be, fy, fx)
+            _patch_pixels(tmp[2], on_disk[2], buf.mask_be, fy, fx)
+        lap("write")
+        self.last_steps, self.last_steps_cpu = steps, steps_cpu
+        ncr = counts["cosmic_ray"]
+        return Products(image_path, weight_path, mask_path, ncr, len(trail_list), trail_list)
+
+    def _product_headers(self, job: Job, gain: float, gain_src: str, egain: float, rn_adu: float, sat_raw: float,
+                         sat_red: float, scale: float, sky: float, counts: dict, trail_list: list,
+                         paths: tuple[Path, Path, Path]) -> tuple[fits.Header, fits.Header, fits.Header]:
+        """Headers of the image, weight and mask of a reduced frame."""
+        info = job.info
+        image_path, weight_path, mask_path = paths
+        hdr = self._science_header(job, gain, gain_src, egain, rn_adu, sat_raw, sat_red, scale, sky, counts,
+                                   trail_list)
         hdr["WEIGHTIM"] = weight_path.name[:68]        # inverse-variance weight map
         hdr["MASKIM"] = mask_path.name[:68]            # bit mask (gppy.masks.MaskBit), int16
         inputs = [info.path, job.bias.path, job.dark.path, job.flat.path]
@@ -584,17 +625,11 @@ class NightCalibrator:
         for name, value in gmasks.describe().items():
             mhdr[f"HIERARCH MASKB_{name}"] = value
         stamp(mhdr, "calib", inputs, subset)
-        # big-endian buffers: written as they are (no byte swap); the mask is int16 without
-        # BZERO, as gppy.fitsio.write_mask writes it (its bits fit in 15 bits by construction)
+        # the mask is int16 without BZERO, as gppy.fitsio.write_mask writes it (its bits fit
+        # in 15 bits by construction)
         for key in ("BZERO", "BSCALE"):
             mhdr.remove(key, ignore_missing=True)
-        writes = [(image_path, buf.image_be, hdr), (weight_path, buf.weight_be, whdr), (mask_path, buf.mask_be, mhdr)]
-        with ThreadPoolExecutor(max_workers=len(writes)) as pool:
-            for fut in [pool.submit(write_fits, *w) for w in writes]:
-                fut.result()
-        lap("write")
-        self.last_steps, self.last_steps_cpu = steps, steps_cpu
-        return Products(image_path, weight_path, mask_path, ncr, len(trail_list), trail_list)
+        return hdr, whdr, mhdr
 
     def _aux_header(self, info: FrameInfo, kind: str, what: str, image: Path) -> fits.Header:
         h = fits.Header()
@@ -666,3 +701,38 @@ def mean_date_mjd(m: Master) -> float:
 
     return float(Time(m.date_obs, format="isot", scale="utc").mjd)
 
+
+def _write_image(path: Path, data: np.ndarray, header: fits.Header) -> fits.Header:
+    """Write ``data`` (big-endian, so written without a byte swap) with ``header`` to ``path``
+    (a temporary name from :func:`gppy.fitsio.atomic_path`); returns the header as written."""
+    hdul = fits.HDUList([fits.PrimaryHDU(data=data, header=header)])
+    hdul.writeto(path, overwrite=True, output_verify="silentfix")
+    return hdul[0].header
+
+
+def _patch_pixels(path: Path, header: fits.Header, data: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> None:
+    """Copy ``data[ys, xs]`` into the file written by :func:`_write_image` (in place)."""
+    if ys.size == 0:
+        return
+    offset = len(header.tostring(padding=True))
+    mm = np.memmap(path, dtype=data.dtype, mode="r+", offset=offset, shape=data.shape)
+    try:
+        mm[ys, xs] = data[ys, xs]
+        mm.flush()
+    finally:
+        del mm
+
+
+def _patch_header(path: Path, header: fits.Header, final: fits.Header, keys: tuple[str, ...],
+                  data: np.ndarray) -> None:
+    """Give the keywords ``keys`` of the file written by :func:`_write_image` their values in
+    ``final``; the header keeps its size, else the file is written again."""
+    new = header.copy()
+    for key in keys:
+        new[key] = (final[key], final.comments[key])
+    block = new.tostring(padding=True).encode("ascii")
+    if len(block) != len(header.tostring(padding=True)):
+        _write_image(path, data, final)
+        return
+    with open(path, "r+b") as fh:
+        fh.write(block)

@@ -175,31 +175,48 @@ def _candidate_pixels(binned: np.ndarray) -> np.ndarray:
 
 def _group_medians(key: np.ndarray, values: np.ndarray, nkeys: int) -> tuple[np.ndarray, np.ndarray]:
     """Median of ``values`` in each group ``key`` (0 .. nkeys-1; NaN for an empty group, the
-    mean of the two middle values for an even count, as :func:`numpy.median`) and the counts."""
-    order = np.lexsort((values, key))
-    v = np.asarray(values, dtype=np.float64)[order]
+    mean of the two middle values for an even count, as :func:`numpy.median`) and the counts.
+
+    One sort of ``key + u`` with ``u`` the value mapped into [0, 0.5] orders the values within
+    their groups (float64 keeps ``u`` to ~1e-12 of the values' range).
+    """
     count = np.bincount(key, minlength=nkeys)
-    start = np.cumsum(count) - count
-    lo = np.minimum(start + (count - 1) // 2, max(v.size - 1, 0))
-    hi = np.minimum(start + count // 2, max(v.size - 1, 0))
+    out = np.full(nkeys, np.nan)
+    v = np.asarray(values, dtype=np.float64)
     if v.size == 0:
-        return np.full(nkeys, np.nan), count
-    return np.where(count > 0, 0.5 * (v[lo] + v[hi]), np.nan), count
+        return out, count
+    lo, span = float(v.min()), float(v.max() - v.min())
+    scale = 0.5 / span if span > 0 else 0.0
+    comb = np.sort(key + (v - lo) * scale)
+    start = np.cumsum(count) - count
+    have = count > 0
+    g = np.flatnonzero(have)
+    a = comb[(start + (count - 1) // 2)[have]] - g
+    b = comb[(start + count // 2)[have]] - g
+    out[have] = lo + 0.5 * (a + b) / scale if scale else lo
+    return out, count
 
 
 def _accumulate(ys: np.ndarray, xs: np.ndarray, thetas: np.ndarray, rho_bin: float,
-                diag: float) -> tuple[int, float, float]:
-    """(votes, theta, rho) of the fullest (theta, rho-bin) cell; rho bins of ``rho_bin``."""
+                diag: float, dtype=np.float64) -> tuple[int, float, float]:
+    """(votes, theta, rho) of the fullest (theta, rho-bin) cell; rho bins of ``rho_bin``.
+
+    The cell of a point is ``floor(rho / rho_bin + 0.5)``, computed as the truncation of a
+    positive number (``+ offset``); ``dtype`` float32 suits wide bins (the coarse pass).
+    """
     offset = int(np.ceil(diag / rho_bin)) + 1
     nrho = 2 * offset + 1
-    cos, sin = np.cos(thetas), np.sin(thetas)
+    xb, yb = (xs / rho_bin).astype(dtype), (ys / rho_bin).astype(dtype)
+    cos, sin = np.cos(thetas).astype(dtype), np.sin(thetas).astype(dtype)
     best = (0, 0.0, 0.0)
     chunk = max(1, 4_000_000 // max(1, xs.size))
     for t0 in range(0, thetas.size, chunk):
         c, s = cos[t0:t0 + chunk], sin[t0:t0 + chunk]
-        rho = np.floor((xs[None, :] * c[:, None] + ys[None, :] * s[:, None]) / rho_bin + 0.5).astype(np.int64)
         k = c.size
-        acc = np.bincount((np.arange(k)[:, None] * nrho + rho + offset).ravel(), minlength=k * nrho)
+        cell = np.multiply.outer(c, xb)
+        cell += np.multiply.outer(s, yb)
+        cell += (np.arange(k) * nrho + offset + 0.5).astype(dtype)[:, None]
+        acc = np.bincount(cell.astype(np.intp).ravel(), minlength=k * nrho)
         i = int(acc.argmax())
         if acc[i] > best[0]:
             ti, ri = divmod(i, nrho)
@@ -226,7 +243,7 @@ def _hough_peak(ys: np.ndarray, xs: np.ndarray, shape: tuple[int, int]) -> tuple
     diag = float(np.hypot(*shape))
     step = np.pi / NTHETA
     rho_bin = max(1.0, diag * step)
-    coarse, th_c, rho_c = _accumulate(ys, xs, np.arange(NTHETA) * step, rho_bin, diag)
+    coarse, th_c, rho_c = _accumulate(ys, xs, np.arange(NTHETA) * step, rho_bin, diag, np.float32)
     near = np.abs(xs * np.cos(th_c) + ys * np.sin(th_c) - rho_c) <= 1.5 * rho_bin
     fine_thetas = th_c + np.arange(-step, step, 1.0 / diag)
     votes, theta, rho = _accumulate(ys[near], xs[near], fine_thetas, 1.0, diag)

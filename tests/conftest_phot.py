@@ -239,7 +239,7 @@ def run_sim_night(root: Path, seed: int, size: tuple[int, int] = (1280, 900), ta
         ev = DifferenceDone(night_id=f"sim{seed}", unit=unit, science_path=str(res.path), object=v["target"],
                             filter=v["filter"], path=str(prods["diff"]), noise_path=str(prods["noise"]),
                             mask_path=str(prods["mask"]), conv_path=str(prods["conv"]), reference_path=str(ref))
-        figures = difference_products(ev, processed, scratch, params, transient_params(settings))
+        figures = difference_products(ev, processed, scratch, params, transient_params(settings), Path(paths.path_refcat))
         out.append({"visit": v, "frames": fs, "stack": res, "event": ev, "figures": figures})
     return pj, out
 

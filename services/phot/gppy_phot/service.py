@@ -193,7 +193,7 @@ class PhotService(StageService):
         try:
             with self.step("difference_photometry"):
                 figures = difference_products(event, Path(self.paths.path_processed), self.scratch, self.params,
-                                              transient_params(self.settings))
+                                              transient_params(self.settings), Path(self.paths.path_refcat))
         except (BadInputError, PermanentError) as exc:
             log.error("transient search on %s failed: %s", event.path, exc)
             return [self._done(event, event.path, "difference", ok=False, reason=str(exc)),

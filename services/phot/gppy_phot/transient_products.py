@@ -149,7 +149,8 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
            ref_footprint: tuple[WCS, tuple[int, int]] | None,
            singles: list[transients.SingleDetections], workdir: Path, params: PhotParams | None = None,
            tparams: transients.TransientParams | None = None, rb_model: dict | None = None,
-           stars: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> SearchResult:
+           stars: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+           moving_stars: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None) -> SearchResult:
     """Detect, measure and vet the sources of a difference image.
 
     Parameters
@@ -176,6 +177,9 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
         0-based positions and APER_1 fluxes (science units) of the science image's sources
         with S/N > 20: the level of the subtraction residuals is measured at the brightest, and
         the residuals they leave beside them count in the noise of nearby detections.
+    moving_stars : (ra, dec, ra_ref, dec_ref) arrays, optional
+        Catalogue stars at the science's and at the reference's epoch (deg), for
+        ``flag_pm_star``.
     """
     p = params or PhotParams()
     tp = tparams or transients.TransientParams()
@@ -314,12 +318,15 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
     local, local_chi = transients.local_residual(diff, sig_img, bad, x, y, info.peeing, info.beta, psf_scale,
                                                  avoid=avoid)
     ref_core = np.where(on_star, fr.flux, 0.0) if fr is not None else None
-    ring_mean = ring_scatter = np.zeros(n)
+    ring_mean = ring_scatter = star_other = np.zeros(n)
     if stars is not None and len(stars[0]) and n:
         # beside a star: the star's own residual at that distance (from the other azimuths)
         # is taken off the detection's flux, and its azimuthal scatter counts as noise
-        ring_mean, ring_scatter, _ = transients.star_ring_residual(diff, sig_img, bad, x, y, *stars, info.peeing,
-                                                                   info.beta, psf_scale)
+        ring_mean, ring_scatter, _, star_other = transients.star_ring_residual(
+            diff, sig_img, bad, x, y, *stars, info.peeing, info.beta, psf_scale, flux=psf_pos.flux)
+    # only a residual of the detection's own sign can explain it away (a detection on the
+    # weaker part of a negative ring is not made positive by it)
+    ring_mean = np.where(ring_mean * sign > 0, ring_mean, 0.0)
     snr_psf = transients.effective_snr((psf_pos.flux - ring_mean) * sign, psf_pos.err * psf_scale, ref_core, level,
                                        near, wing, np.hypot(local, ring_scatter))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -371,10 +378,14 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
     # correlated noise): unmeasured, not sharp
     fwhm_det = np.asarray(det["FWHM_IMAGE"], float)
     fwhm_det = np.where(fwhm_det > 0, fwhm_det, np.nan)
+    pm_star = np.zeros(n, bool)
+    if moving_stars is not None and n:
+        pm_star = transients.moving_star_flag(np.asarray(det["ALPHA_J2000"], float), np.asarray(det["DELTA_J2000"], float),
+                                              *moving_stars, radius_arcsec=max(0.6 * info.peeing * info.pixscale, 1.0))
     meas = {"x": x, "y": y, "sign": sign, "snr_psf": snr_psf, "ELLIPTICITY": np.asarray(det["ELLIPTICITY"], float),
             "FWHM_IMAGE": fwhm_det, "FLAGS": np.asarray(det["FLAGS"]),
             "BACKGROUND": np.asarray(det["BACKGROUND"], float), "sigma_local": local_sig, "conc": conc,
-            "conc_err": conc_err, "dipole_frac": dipole, "lobe_ratio": lobe_ratio, "lobe_snr": lobe_snr, "masked": masked, "in_footprint": in_fp,
+            "conc_err": conc_err, "dipole_frac": dipole, "lobe_ratio": lobe_ratio, "lobe_snr": lobe_snr, "star_other": star_other, "pm_star": pm_star, "masked": masked, "in_footprint": in_fp,
             "ref_min_sig": ref_min}
     # the 10" aperture of a detection beside a star holds the star's residual: no
     # concentration test there
@@ -439,6 +450,7 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
     out["local_chi"] = local_chi
     out["star_ring_flux"] = ring_mean * sign
     out["star_ring_scatter"] = ring_scatter
+    out["star_ring_other"] = star_other
     out["dipole_frac"] = dipole
     out["lobe_ratio"] = lobe_ratio
     out["lobe_snr"] = lobe_snr
@@ -579,9 +591,51 @@ def _write_cutouts(res: SearchResult, diff: np.ndarray, sci: np.ndarray | None, 
     return n
 
 
+def reference_epoch(header: fits.Header) -> Time | None:
+    """Epoch of a reference image: DATE-OBS, MJD-OBS or MJD, else EPOCH (a Julian year, when
+    it is not just the equinox 2000); None when unknown."""
+    for key, fmt in (("DATE-OBS", "isot"), ("MJD-OBS", "mjd"), ("MJD", "mjd")):
+        if key in header:
+            try:
+                return Time(header[key], format=fmt, scale="utc")
+            except (ValueError, TypeError):
+                continue
+    try:
+        ep = float(header.get("EPOCH", "nan"))
+    except (TypeError, ValueError):
+        return None
+    if np.isfinite(ep) and 1950 < ep < 2200 and ep != 2000.0:
+        return Time(ep, format="jyear")
+    return None
+
+
+def catalogue_motion(refcat_root: Path | None, obj: str, sci_time: Time | None,
+                     ref_time: Time | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The Gaia-XP-like catalogue's stars at the science's and at the reference's epochs, or
+    None (no catalogue, or an epoch unknown)."""
+    if refcat_root is None or sci_time is None or ref_time is None:
+        return None
+    from gppy.refcat import gaiaxp_path, load_gaiaxp, propagate_to_epoch
+
+    path = gaiaxp_path(refcat_root, obj)
+    if not Path(path).exists():
+        return None
+    try:
+        cat = load_gaiaxp(path)
+    except Exception as exc:  # the flag is a help; a broken catalogue only costs it
+        log.warning("cannot read %s for moving stars: %s", path, exc)
+        return None
+    ra, dec = propagate_to_epoch(cat, sci_time)
+    ra_r, dec_r = propagate_to_epoch(cat, ref_time)
+    return ra, dec, ra_r, dec_r
+
+
 def difference_products(event, processed: Path, scratch_root: Path, params: PhotParams,
-                        tparams: transients.TransientParams | None = None) -> dict:
-    """Products of one ``diff.done`` event; returns the ``phot.done`` figures."""
+                        tparams: transients.TransientParams | None = None,
+                        refcat_root: Path | None = None) -> dict:
+    """Products of one ``diff.done`` event; returns the ``phot.done`` figures. With
+    ``refcat_root``, detections at catalogue stars that moved between the reference's epoch
+    and the science's are flagged (``flag_pm_star``)."""
     from gppy_phot.service import provenance_meta, read_mask
 
     diff_path = Path(event.path)
@@ -608,19 +662,23 @@ def difference_products(event, processed: Path, scratch_root: Path, params: Phot
         conv, _ = read_image(event.conv_path)
         conv = reference_on_science_scale(conv, diff, header) if conv.shape == diff.shape else None
     ref_fp = None
+    ref_time = None
     if event.reference_path and Path(event.reference_path).exists():
         rh = read_header(event.reference_path)
+        ref_time = reference_epoch(rh)
         try:
             ref_fp = (WCS(rh, naxis=2), (int(rh["NAXIS2"]), int(rh["NAXIS1"])))
         except Exception as exc:
             log.warning("reference WCS unusable (%s): no footprint check", exc)
+    sci_time = DiffScience.from_header(header, diff_path).obstime
+    motion = catalogue_motion(refcat_root, event.object, sci_time, ref_time)
     dirs = ProductDirs.of(processed, event.object, event.unit, event.filter)
     singles = _singles_of(sci_header, dirs)
     scratch_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"diff-{stem(diff_path)[:40]}-", dir=scratch_root) as tmp:
         res = search(diff_path, diff, header, noise, mask, science, sci_sigma, float(sci_header.get("EGAIN", 0.0)),
                      conv, ref_fp, singles, Path(tmp), params, tparams,
-                     stars=_science_sources(Path(event.science_path), dirs))
+                     stars=_science_sources(Path(event.science_path), dirs), moving_stars=motion)
     base = stem(diff_path)                      # <science stem>.subt
     out_dir = diff_path.parent
     prov = provenance_meta([diff_path, event.science_path, event.conv_path or "", event.reference_path or ""],

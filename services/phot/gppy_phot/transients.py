@@ -44,6 +44,13 @@ FLAG_DOC = {
     "flag_masked": "11, 13: more than 30 % of the PSF information (sum P^2 within 2 FWHM) on masked or null "
                    "pixels, or a saturated pixel within max(5 px, PEEING)",
     "flag_footprint": "12: outside the reference image's footprint",
+    "flag_pm_star": "(v1 flag 0's neighbour) at a catalogue star that moved by >= 0.1\" between the reference's "
+                    "epoch and the science's (its proper motion leaves a dipole): within 0.6 FWHM (>= 1\") of "
+                    "the segment between its two positions",
+    "flag_star_residual": "beside a star (0.5-4 FWHM): a residual of that star at the detection's distance "
+                          "from it (+-0.5 FWHM), away from the detection, beyond 3 sigma and at least half the "
+                          "detection's flux: of the opposite sign, or of its sign over 30 % of the circle "
+                          "(the star's residual pattern, not a source)",
 }
 #: Flags that do not veto a moving object (a moving object is elongated in a stack).
 SHAPE_FLAGS = ("flag_ellip", "flag_seeing", "flag_concentration", "flag_inv_diff", "flag_dipole")
@@ -320,6 +327,52 @@ def opposite_lobe(diff: np.ndarray, sigma: np.ndarray, bad: np.ndarray | None, x
     return ratio, snr
 
 
+def moving_star_flag(ra: np.ndarray, dec: np.ndarray, star_ra: np.ndarray, star_dec: np.ndarray,
+                     star_ra_ref: np.ndarray, star_dec_ref: np.ndarray, radius_arcsec: float,
+                     min_shift_arcsec: float = 0.1) -> np.ndarray:
+    """True for detections at a catalogue star that moved between the reference's epoch and
+    the science's (proper motion): a star that moved by ``min_shift_arcsec`` or more leaves a
+    positive and a negative lobe, within ``radius_arcsec`` of the segment between its two
+    positions. (Positions in deg; ``star_*`` at the science epoch, ``star_*_ref`` at the
+    reference's.)"""
+    ra = np.atleast_1d(np.asarray(ra, float))
+    dec = np.atleast_1d(np.asarray(dec, float))
+    out = np.zeros(len(ra), bool)
+    if len(ra) == 0 or len(star_ra) == 0:
+        return out
+    cosd = np.cos(np.deg2rad(np.nanmedian(dec)))
+    # tangent-plane offsets (arcsec) about the detections' mean position
+    ra0, dec0 = float(np.nanmedian(ra)), float(np.nanmedian(dec))
+
+    def xy(a, d):
+        return (((np.asarray(a, float) - ra0 + 180.0) % 360.0 - 180.0) * cosd * 3600.0,
+                (np.asarray(d, float) - dec0) * 3600.0)
+
+    ax, ay = xy(star_ra_ref, star_dec_ref)
+    bx, by = xy(star_ra, star_dec)
+    shift = np.hypot(bx - ax, by - ay)
+    moved = np.isfinite(shift) & (shift >= min_shift_arcsec)
+    if not moved.any():
+        return out
+    ax, ay, bx, by = ax[moved], ay[moved], bx[moved], by[moved]
+    px, py = xy(ra, dec)
+    from scipy.spatial import cKDTree
+
+    mx, my = 0.5 * (ax + bx), 0.5 * (ay + by)
+    half = 0.5 * np.hypot(bx - ax, by - ay)
+    tree = cKDTree(np.column_stack([mx, my]))
+    for i, nb in enumerate(tree.query_ball_point(np.column_stack([px, py]), radius_arcsec + float(half.max()))):
+        if not nb:
+            continue
+        nb = np.asarray(nb)
+        vx, vy = bx[nb] - ax[nb], by[nb] - ay[nb]
+        l2 = np.maximum(vx * vx + vy * vy, 1e-12)
+        t = np.clip(((px[i] - ax[nb]) * vx + (py[i] - ay[nb]) * vy) / l2, 0.0, 1.0)
+        d = np.hypot(px[i] - (ax[nb] + t * vx), py[i] - (ay[nb] + t * vy))
+        out[i] = bool(np.any(d <= radius_arcsec))
+    return out
+
+
 def edge_flag(x: np.ndarray, y: np.ndarray, nx: int, ny: int, fraction: float, min_px: float) -> np.ndarray:
     """True within ``max(fraction x size, min_px)`` of the border (0-based positions)."""
     mx = max(fraction * nx, min_px)
@@ -378,6 +431,8 @@ def vetting_flags(cat: dict[str, np.ndarray], *, seeing_arcsec: float, peeing_px
         f["flag_dipole"] |= (np.asarray(cat["lobe_ratio"]) > 0.5) & (np.asarray(cat["lobe_snr"]) > 3.0)
     f["flag_masked"] = np.asarray(cat["masked"], bool)
     f["flag_footprint"] = ~np.asarray(cat["in_footprint"], bool)
+    f["flag_pm_star"] = np.asarray(cat.get("pm_star", np.zeros(n)), bool)
+    f["flag_star_residual"] = np.asarray(cat.get("star_other", np.zeros(n)), float) > 0.5
     return f
 
 
@@ -673,8 +728,9 @@ def local_residual(diff: np.ndarray, sigma: np.ndarray, bad: np.ndarray | None, 
 
 def star_ring_residual(diff: np.ndarray, sigma: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: np.ndarray,
                        sx: np.ndarray, sy: np.ndarray, sflux: np.ndarray, fwhm_px: float, beta: float | None = None,
-                       noise_scale_: float = 1.0, max_fwhm: float = 4.0, min_fwhm: float = 0.5
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       noise_scale_: float = 1.0, max_fwhm: float = 4.0, min_fwhm: float = 0.5,
+                       flux: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The residual a star leaves at a detection's distance from it, from the other azimuths.
 
     A kernel that does not match the PSF's wings leaves rings of one sign around every bright
@@ -685,7 +741,11 @@ def star_ring_residual(diff: np.ndarray, sigma: np.ndarray, bad: np.ndarray | No
     the star, at points more than 1.5 FWHM from the detection (and with less than half of
     their information masked). Their weighted mean is the star's residual at that distance;
     their scatter beyond the noise (as in :func:`local_residual`) tells how far that mean
-    describes the azimuth of the detection.
+    describes the azimuth of the detection. With the detections' own PSF-weighted ``flux``,
+    ``other`` tells whether the detection stands out among the star's residuals, measured
+    at the detection's distance from the star (+-0.5 FWHM), more than 1.5 FWHM from the
+    detection: the largest residual of the opposite sign beyond 3 sigma over the detection's
+    flux, or the level of the detection's sign reached over 30 % of those points (a ring).
 
     Returns
     -------
@@ -697,6 +757,9 @@ def star_ring_residual(diff: np.ndarray, sigma: np.ndarray, bad: np.ndarray | No
         mean (0 where no star).
     star : int array
         Index of the star used (-1 where none).
+    other : float array
+        Largest significant (> 3 sigma) residual of the star away from the detection over the
+        detection's flux (0 where none, or without ``flux``).
     """
     x = np.atleast_1d(np.asarray(x, float))
     y = np.atleast_1d(np.asarray(y, float))
@@ -704,8 +767,9 @@ def star_ring_residual(diff: np.ndarray, sigma: np.ndarray, bad: np.ndarray | No
     mean = np.zeros(n)
     scatter = np.zeros(n)
     star = np.full(n, -1)
+    other = np.zeros(n)
     if n == 0 or len(sx) == 0:
-        return mean, scatter, star
+        return mean, scatter, star, other
     from scipy.spatial import cKDTree
 
     sx = np.asarray(sx, float)
@@ -751,7 +815,29 @@ def star_ring_residual(diff: np.ndarray, sigma: np.ndarray, bad: np.ndarray | No
         mean[i] = m
         scatter[i] = np.hypot(excess, np.sqrt(1.0 / w.sum()))
         star[i] = j
-    return mean, scatter, star
+        if flux is not None and np.isfinite(flux[i]) and flux[i] != 0:
+            # the star's residual at about the detection's distance from it (+-0.5 FWHM, not
+            # nearer than 0.75 FWHM), away from the detection
+            radii = np.unique(np.clip(dj + np.array([-0.5, 0.0, 0.5]) * fwhm_px, 0.75 * fwhm_px, None))
+            rr = np.repeat(radii, 16)
+            aa = np.tile(np.arange(16) * np.pi / 8, len(radii))
+            qx, qy = sx[j] + rr * np.cos(aa), sy[j] + rr * np.sin(aa)
+            away = np.hypot(qx - x[i], qy - y[i]) > 1.5 * fwhm_px
+            fa = forced_psf(diff, sigma, qx[away], qy[away], fwhm_px, bad, beta)
+            ea = fa.err * noise_scale_
+            oka = np.isfinite(fa.flux) & np.isfinite(ea) & (ea > 0)
+            if oka.any():
+                oka &= ea <= 1.5 * float(np.median(ea[oka]))
+                own = float(flux[i])
+                rel = fa.flux[oka] / own                  # > 0: the detection's sign
+                sig = np.abs(fa.flux[oka]) > 3 * ea[oka]
+                # a lobe of the opposite sign, or the detection's sign over much of the circle
+                # (a ring); one more source of the same sign nearby is no residual pattern
+                opp = float(np.max(-rel[sig], initial=0.0))
+                same = np.sort(rel[sig & (rel > 0)])[::-1]
+                ring = float(same[int(0.3 * oka.sum())]) if same.size > 0.3 * oka.sum() else 0.0
+                other[i] = max(opp, ring)
+    return mean, scatter, star, other
 
 
 def effective_snr(flux: np.ndarray, err: np.ndarray, ref_flux: np.ndarray | None, level: float,

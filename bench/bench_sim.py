@@ -19,10 +19,25 @@ The harness calls ``run_sim(size, repeat, workdir, opts)`` (the shape of ``bench
 results); it is not registered in ``bench/run.py`` (see the module ``bench.stages``:
 ``STAGES["sim"] = bench.bench_sim.run_sim`` and ``"sim"`` in ``bench.run.ORDER`` would do it).
 
-Measured (2 cores, shared machine; 2026-11-25):
+Measured on this machine (2 cores shared with other work, 2026-11-25, commit 8e4266c), full
+size 9576 x 6388:
 
-* full size, 30 science + 42 calibration frames, no references, ``--workers 2``:
-  see ``FULL_NIGHT`` below (also in the report of issue 3).
+* the night, ``python -m bench.bench_sim --full --no-frames --workers 2`` (``FULL_NIGHT``):
+  30 science + 42 calibration frames (7 bias, 10 dark, 25 flat), 10.9 GB written,
+  **202 s wall** (188.7 CPU s in the CLI and its 2 workers) at a 1-minute load of 1.6-4.5;
+  an earlier run at load 4.4-9.5: 273 s wall, 194.6 CPU s. Peak memory of the process tree
+  ~9 GB summed over processes (the detector images are shared by fork, so counted 3 times).
+* one frame made and written (``--full --repeat 2 --no-night``, load 2.6-2.8), median wall / CPU:
+  science 3.85 / 2.85 s (66405 stars; 3.37 / 2.49 s without the writing), bias 1.50 / 1.03 s,
+  300 s dark 4.89 / 4.61 s (exact Poisson draws at 3 e-), flat 1.55 / 1.37 s; detector + one flat
+  once per night 3.6 s.
+* before this work (commit 52d5191, same machine, CPU s per frame without writing): science
+  7.0-7.5, flat 3.5, bias 1.4, 300 s dark 4.1, detector 4.3; the CLI wrote frames in 1 process
+  by default.
+* a full-size reference (not in the night above): a blurry PS1-like one (23783 x 18018 px,
+  0.43 Gpx, 1.7 GB) 24.7 CPU s / 31.5 s wall and 1.9 GB peak RSS; a 7DT one (10246 x 6835)
+  4-6 CPU s. The default ``gppy simulate --full`` night (2 targets x 3 filters) adds 6 + 3 of
+  them (~10 GB), made by the same worker pool as the frames.
 """
 
 from __future__ import annotations
@@ -44,8 +59,15 @@ FULL = (9576, 6388)
 NIGHT_FILTERS = ["m425", "m550", "m650", "r", "i"]
 TARGET_S = 300.0                 # "a few minutes" for a full-size night of 30 frames on 2 cores
 
-# the full-size night as measured with this script (filled in by hand from its output)
-FULL_NIGHT: dict = {}
+# the full-size night as measured with this script (copied by hand from its --json output)
+FULL_NIGHT: dict = {
+    "command": "gppy simulate OUT --size 9576x6388 --targets 2 --filters m425 m550 m650 r i --no-extras "
+               "--seed 11 --workers 2 --quiet --no-references",
+    "frames": {"bias": 7, "dark": 10, "flat": 25, "science": 30}, "bytes_written_gb": 10.88,
+    "wall_s": 202.0, "cpu_s": 188.7, "load1_start": 1.63, "load1_min": 1.63, "load1_max": 4.54,
+    "cores_usable": 2, "measured_at": "2026-11-25 17:03 UTC", "commit": "8e4266c",
+    "earlier_run": {"wall_s": 273.2, "cpu_s": 194.6, "load1_min": 4.37, "load1_max": 9.48},
+}
 
 
 def _children_cpu_s() -> float:
@@ -211,8 +233,8 @@ def run_sim(size, repeat, workdir: Path, opts: dict) -> dict:
             night = measure_night(size, Path(tmp) / "night", int(opts.get("workers") or 2),
                                   references=bool(opts.get("sim_references", False)))
     sci = frames["series"][0]
-    targets = [target("one full-size science frame made and written (stars rendered vectorised)",
-                      "a few s", f"{sci['median_s']:.1f} s (CPU {sci['cpu_median_s']:.1f} s)", None)]
+    targets = [target(f"one {size[0]}x{size[1]} science frame made and written (stars rendered vectorised)",
+                      "a few s at full size", f"{sci['median_s']:.2f} s (CPU {sci['cpu_median_s']:.2f} s)", None)]
     notes = ["frames as gppy.sim.night writes them: raw uint16 FITS, truth JSON, RICE mask, star CSV"]
     if night:
         n = night["science_frames"]

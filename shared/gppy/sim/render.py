@@ -87,7 +87,9 @@ def render_moffat(image: np.ndarray, x: np.ndarray, y: np.ndarray, flux: np.ndar
     keep = (x + half >= 0) & (x - half <= nx - 1) & (y + half >= 0) & (y - half <= ny - 1) & (flux > 0)
     if not keep.any():
         return image
-    flat = image.reshape(-1)                      # a view: the image must be contiguous
+    if not image.flags.c_contiguous:
+        raise ValueError("render_moffat adds in place through a flat view: the image must be C-contiguous")
+    flat = image.reshape(-1)
     ix = np.rint(x).astype(np.int64)
     iy = np.rint(y).astype(np.int64)
     # (u/a)^2 + (v/b)^2 with u = dx c + dy s, v = -dx s + dy c, a = alpha/q, b = alpha q,

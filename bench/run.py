@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ["calib", "astrometry", "stack", "subtract", "phot", "night"]
+ORDER = ["sim", "calib", "astrometry", "stack", "subtract", "phot", "night"]
 FULL = (9576, 6388)
 FRAMES_PER_VISIT = 3
 NIGHT_FRAMES = 300

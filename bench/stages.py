@@ -676,7 +676,12 @@ def run_night(size, repeat, workdir: Path, opts: dict) -> dict:
     }
 
 
+def _run_sim(size, repeat, workdir: Path, opts: dict) -> dict:
+    from bench.bench_sim import run_sim
+    return run_sim(size, repeat, workdir, opts)
+
+
 STAGES: dict[str, Callable[..., dict]] = {
     "calib": run_calib, "astrometry": run_astrometry, "stack": run_stack, "subtract": run_subtract,
-    "phot": run_phot, "night": run_night,
+    "phot": run_phot, "night": run_night, "sim": _run_sim,
 }

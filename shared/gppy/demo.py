@@ -54,7 +54,9 @@ def run_demo(outdir: Path, seed: int = 1, timeout: float = 1800.0, keep_running:
     config = outdir / "path.json"
     if not config.exists():
         console.print(f"simulating a small 7DT night into {outdir} ...")
-        config = Path(simulate(outdir, seed=seed))
+        from gppy.sim.cli import default_workers
+
+        config = Path(simulate(outdir, seed=seed, workers=default_workers()))
     console.print(f"simulated in {time.time() - t0:.1f} s; config {config}")
     settings = load_settings(config=str(config))
     paths = settings.paths()

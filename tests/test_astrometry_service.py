@@ -85,7 +85,7 @@ def test_service_solves_and_reports_failures(settings):
     try:
         asyncio.run(publish(settings, [ev_good, ev_lonely]))
         solved = asyncio.run(collect(settings, "gppy.*.frame.solved", 2, timeout=120))
-        failed = asyncio.run(collect(settings, "gppy.*.stage.failed", 1, timeout=2))
+        failed = asyncio.run(collect(settings, "gppy.*.stage.failed.*", 1, timeout=2))
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)

@@ -191,7 +191,7 @@ def test_failing_handler_retried_then_dead_lettered_and_reported_once(settings, 
         assert len(records(out, "start")) == settings.max_deliver
         letters = asyncio.run(stream_messages(settings, "gppy.dlq.probe"))
         assert len(letters) == 1 and "probe told to fail" in json.loads(letters[0].data)["reason"]
-        failed = [parse(m.data) for m in asyncio.run(stream_messages(settings, "gppy.survey.stage.failed"))]
+        failed = [parse(m.data) for m in asyncio.run(stream_messages(settings, "gppy.survey.stage.failed.*"))]
         assert len(failed) == 1 and isinstance(failed[0], StageFailed) and failed[0].stage == "probe"
     finally:
         probe.terminate()
@@ -273,3 +273,37 @@ def test_rerun_of_a_night_is_not_swallowed_by_deduplication(settings, tmp_path):
     finally:
         probe.terminate()
         probe.wait(10)
+
+
+async def test_a_failure_in_another_stages_name_is_refused(settings):
+    """A ``stage.failed`` whose subject names another stage than its body (a stage reporting
+    on behalf of another, which NATS permissions stop when users are configured) is
+    dead-lettered by the receiving runtime; a genuine one is handled."""
+    from gppy.runtime import StageService
+
+    class FailureReader(StageService):
+        name = "failreader"
+        consumes = ["stage.failed"]
+        seen: list[str] = []
+
+        async def handle(self, event):
+            self.seen.append(f"{event.stage}: {event.reason}")
+            return []
+
+    genuine = StageFailed(night_id="7DT01_2025-01-15_gain2750", unit="7DT01", stage="astrometry", reason="genuine")
+    spoof = genuine.model_copy(update={"stage": "calib", "reason": "spoofed"})
+    assert genuine.subject() == "gppy.survey.stage.failed.astrometry"
+    reader = FailureReader(settings)
+    task = asyncio.create_task(reader.serve())
+    try:
+        await publish_all(settings, raw=[(genuine.subject(), spoof.to_bytes())], events=[genuine])
+        deadline = time.monotonic() + 30
+        letters: list = []
+        while time.monotonic() < deadline and not (reader.seen and letters):
+            await asyncio.sleep(0.2)
+            letters = [json.loads(m.data) for m in await stream_messages(settings, "gppy.dlq.failreader")]
+        assert reader.seen == ["astrometry: genuine"]
+        assert len(letters) == 1 and "stage.failed of stage 'calib' published on" in letters[0]["reason"]
+    finally:
+        reader._stopping.set()
+        await asyncio.wait_for(task, 30)

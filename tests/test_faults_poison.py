@@ -99,7 +99,7 @@ def test_a_message_that_kills_its_worker_every_time_is_given_up_and_reported(set
         proc.wait(timeout=30)
     t_end = time.time()
     letters = asyncio.run(_messages(settings, "dlq.poison"))
-    failed = [m for m in asyncio.run(_messages(settings, "stage.failed")) if m["stage"] == "poison"]
+    failed = [m for m in asyncio.run(_messages(settings, "stage.failed.poison")) if m["stage"] == "poison"]
     assert deaths == settings.max_deliver, deaths
     assert len(letters) == 1 and "died each time" in letters[0]["reason"], letters
     assert letters[0]["delivered"] == settings.max_deliver + 1

@@ -104,7 +104,7 @@ def test_service_photometry_and_failures(settings, tmp_path):
     try:
         asyncio.run(publish(settings, events))
         done = asyncio.run(collect(settings, "phot.done", len(events), timeout=120))
-        failed = asyncio.run(collect(settings, "stage.failed", 2, timeout=30))
+        failed = asyncio.run(collect(settings, "stage.failed.*", 2, timeout=30))
         # the difference of the photometered stack (its header now has ZP_*, SEEING ...) against
         # a deeper reference made with the same PSF (perfectly PSF-matched)
         tdir = dirs.transient

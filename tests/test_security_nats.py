@@ -154,6 +154,11 @@ def test_a_stage_publishes_only_its_own_events(secure_nats):
             assert not await refused(js.publish(f"gppy.dlq.{user}", b"{}"), errors)
             other = "calib" if user != "calib" else "phot"
             assert await refused(js.publish(f"gppy.dlq.{other}", b"{}"), errors)
+            # a failure in another stage's name: refused on that stage's subject, and (below, in
+            # test_runtime_refuses_a_failure_in_another_stages_name) refused by the runtime on
+            # one's own subject
+            spoof = StageFailed(night_id=N, unit="7DT01", stage=other, reason="spoofed")
+            assert await refused(js.publish(spoof.subject(), spoof.to_bytes()), errors)
             assert any("permissions violation" in e.lower() for e in errors), errors
             await nc.close()
         after = (await ojs.stream_info("GPPY")).state.messages

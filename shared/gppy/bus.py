@@ -68,15 +68,26 @@ async def ensure_consumer(js, settings: Settings, stage: str, lane: str, kinds: 
         ack_policy=api.AckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait_s,
         max_deliver=settings.max_deliver + 1,  # the runtime dead-letters at max_deliver itself
-        filter_subjects=[f"{settings.subject_prefix}.{lane}.{k}" for k in kinds],
+        filter_subjects=[consumer_filter(settings.subject_prefix, lane, k) for k in kinds],
         deliver_policy=api.DeliverPolicy.ALL,
         max_ack_pending=1000,
     )
     try:
-        await js.consumer_info(settings.stream, durable)
+        info = await js.consumer_info(settings.stream, durable)
     except NotFoundError:
         await js.add_consumer(settings.stream, cfg)
+    else:
+        have = sorted(info.config.filter_subjects or [info.config.filter_subject or ""])
+        if have != sorted(cfg.filter_subjects):  # subjects changed by an upgrade: update in place
+            log.info("consumer %s: filter subjects %s -> %s", durable, have, cfg.filter_subjects)
+            await js.add_consumer(settings.stream, cfg)
     return await js.pull_subscribe_bind(durable=durable, stream=settings.stream)
+
+
+def consumer_filter(prefix: str, lane: str, kind: str) -> str:
+    """The subject a consumer of ``kind`` on ``lane`` filters on (``stage.failed`` carries the
+    reporting stage as a last token)."""
+    return f"{prefix}.{lane}.{kind}.*" if kind == "stage.failed" else f"{prefix}.{lane}.{kind}"
 
 
 async def publish(js, event: Event, prefix: str = "gppy") -> None:

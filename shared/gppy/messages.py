@@ -185,9 +185,21 @@ class StageFailed(Event):
     """any stage -> watcher: one item failed definitively (bad input, no solution...)."""
 
     kind: Literal["stage.failed"] = "stage.failed"
-    stage: str
+    stage: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
     item_path: str = ""
     reason: str
+
+    def subject(self, prefix: str = "gppy") -> str:
+        """``<prefix>.<lane>.stage.failed.<stage>``: the stage is in the subject, so NATS
+        permissions let a stage report only its own failures."""
+        return f"{prefix}.{self.lane}.{self.kind}.{self.stage}"
+
+
+def check_subject(event: Event, subject: str) -> None:
+    """Refuse a ``stage.failed`` whose subject names another stage than its body (a stage
+    reporting on behalf of another); raises :class:`MessageError`."""
+    if isinstance(event, StageFailed) and subject.rsplit(".", 1)[-1] != event.stage:
+        raise MessageError(f"stage.failed of stage {event.stage!r} published on {subject!r}")
 
 
 class DeepStackRequest(Event):

@@ -39,7 +39,7 @@ from gppy import __version__, bus
 from gppy.config import PathConfig, Settings, load_settings
 from gppy.fitsio import BadInputError
 from gppy.logs import frame_var, night_var, setup_logging
-from gppy.messages import Event, MessageError, StageFailed, check_paths, parse
+from gppy.messages import Event, MessageError, StageFailed, check_paths, check_subject, parse
 
 log = logging.getLogger(__name__)
 #: The run (night-ready attempt) of the message being handled; stamped on every event published.
@@ -310,6 +310,7 @@ class StageService:
         delivered = msg.metadata.num_delivered if msg.metadata else 1
         try:
             event = parse(msg.data, self.settings.max_message_bytes)
+            check_subject(event, msg.subject)
             check_paths(event, self.paths.roots())
         except MessageError as exc:
             log.error("refused message on %s: %s", msg.subject, exc)

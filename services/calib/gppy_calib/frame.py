@@ -30,6 +30,7 @@ the whole frame is one band.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -232,9 +233,34 @@ class FramePass:
     binned: np.ndarray | None = None
 
 
+def _share(func, items: list, workers: int, pool: ThreadPoolExecutor | None) -> list:
+    """``[func(item) for item in items]`` on ``workers`` threads taking the next item as they
+    finish (in ``pool``, or in new threads)."""
+    results: list = [None] * len(items)
+    order = iter(range(len(items)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                i = next(order, None)
+            if i is None:
+                return
+            results[i] = func(items[i])
+
+    if pool is None:
+        with ThreadPoolExecutor(max_workers=workers) as own:
+            for fut in [own.submit(work) for _ in range(workers)]:
+                fut.result()
+    else:
+        for fut in [pool.submit(work) for _ in range(workers)]:
+            fut.result()
+    return results
+
+
 def reduce_pass(raw, terms: FrameTerms, stats: FrameStats, sat_raw: float, gain: float, out: FrameBuffers,
                 xp: ModuleType, *, cosmic_rays: bool, satellite_trails: bool, workers: int = 2,
-                band_rows: int = BAND_ROWS) -> FramePass:
+                band_rows: int = BAND_ROWS, pool: ThreadPoolExecutor | None = None) -> FramePass:
     """Reduce a frame and build its mask, weight, cosmic-ray candidates and binned S/N image.
 
     Parameters
@@ -258,6 +284,8 @@ def reduce_pass(raw, terms: FrameTerms, stats: FrameStats, sat_raw: float, gain:
         Threads sharing the bands (NumPy only).
     band_rows : int
         Rows per band (:data:`BAND_ROWS`; with CuPy the whole frame is one band).
+    pool : ThreadPoolExecutor, optional
+        Threads to use (at least ``workers``); default: ``workers`` new ones.
 
     Returns
     -------
@@ -339,8 +367,7 @@ def reduce_pass(raw, terms: FrameTerms, stats: FrameStats, sat_raw: float, gain:
         return res
 
     if cpu and workers > 1 and len(bands) > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(band, bands))
+        results = _share(band, bands, workers, pool)
     else:
         results = [band(b) for b in bands]
     fp = FramePass(binned=binned)

@@ -159,6 +159,7 @@ class NightCalibrator:
         self._cache: OrderedDict[Path, tuple[np.ndarray, np.ndarray, fits.Header]] = OrderedDict()
         self._setcache: dict[tuple, dict] = {}
         self._buf: frame.FrameBuffers | None = None
+        self._pool: ThreadPoolExecutor | None = None
         #: Wall and CPU time (s, all threads) of the steps of the last :meth:`reduce`.
         self.last_steps: dict[str, float] = {}
         self.last_steps_cpu: dict[str, float] = {}
@@ -458,6 +459,12 @@ class NightCalibrator:
         self._setcache[key] = cset
         return cset
 
+    def _threads(self) -> ThreadPoolExecutor:
+        """Worker threads of the reductions (bands, writes, cosmic rays), kept for the night."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=max(4, self.workers), thread_name_prefix="calib")
+        return self._pool
+
     def _buffers(self, shape: tuple[int, int]) -> frame.FrameBuffers:
         """Product buffers of this shape, reused from frame to frame."""
         if self._buf is None or self._buf.shape != tuple(shape):
@@ -551,7 +558,7 @@ class NightCalibrator:
             check_signal(info.path, raw.read())         # a frame without data is refused here
         buf = self._buffers(raw.shape)
         fp = frame.reduce_pass(raw, terms, stats, sat_raw, egain, buf, xp, cosmic_rays=cr_on,
-                               satellite_trails=tr_on, workers=self.workers)
+                               satellite_trails=tr_on, workers=self.workers, pool=self._threads())
         lap("pass")
         sky = stats.sky
         image_path = job.calib_path
@@ -565,7 +572,7 @@ class NightCalibrator:
         cr_y = cr_x = np.zeros(0, np.int64)
         with contextlib.ExitStack() as stack:
             tmp = [stack.enter_context(atomic_path(path)) for path, _, _ in products]
-            pool = stack.enter_context(ThreadPoolExecutor(max_workers=4))
+            pool = self._threads()
             # the three files are written (into their temporary names) while the cosmic rays
             # and trails are searched; their pixels are then patched in the files and the
             # image header's counts rewritten in place (same size)
@@ -595,12 +602,16 @@ class NightCalibrator:
             lap("detect")
             flat = np.unique(np.concatenate(flagged))
             fy, fx = flat // nx, flat % nx
-            final, _, _ = self._product_headers(job, gain, gain_src, egain, rn_adu, sat_raw, sat_red, scale, sky,
-                                                counts, trail_list, (image_path, weight_path, mask_path))
+            final = hdr.copy()                      # only the counts differ from the first header
+            final["NCRPIX"] = counts["cosmic_ray"]
+            final["NTRAIL"] = len(trail_list)
+            final["NTRLPIX"] = counts["trail"]
             on_disk = [w.result() for w in written]
+            lap("write_wait")
             _patch_header(tmp[0], on_disk[0], final, ("NCRPIX", "NTRAIL", "NTRLPIX"), buf.image_be)
             _patch_pixels(tmp[1], on_disk[1], buf.weight_be, fy, fx)
             _patch_pixels(tmp[2], on_disk[2], buf.mask_be, fy, fx)
+            lap("patch")
         lap("write")
         self.last_steps, self.last_steps_cpu = steps, steps_cpu
         ncr = counts["cosmic_ray"]
@@ -717,9 +728,8 @@ def _patch_pixels(path: Path, header: fits.Header, data: np.ndarray, ys: np.ndar
     offset = len(header.tostring(padding=True))
     mm = np.memmap(path, dtype=data.dtype, mode="r+", offset=offset, shape=data.shape)
     try:
-        mm[ys, xs] = data[ys, xs]
-        mm.flush()
-    finally:
+        mm[ys, xs] = data[ys, xs]        # into the page cache, like write(); no msync (it would
+    finally:                             # wait for the whole file to reach the disk)
         del mm
 
 

@@ -209,14 +209,16 @@ def _accumulate(ys: np.ndarray, xs: np.ndarray, thetas: np.ndarray, rho_bin: flo
     xb, yb = (xs / rho_bin).astype(dtype), (ys / rho_bin).astype(dtype)
     cos, sin = np.cos(thetas).astype(dtype), np.sin(thetas).astype(dtype)
     best = (0, 0.0, 0.0)
-    chunk = max(1, 4_000_000 // max(1, xs.size))
+    chunk = max(1, 400_000 // max(1, xs.size))          # (k, n) blocks that stay in the cache
     for t0 in range(0, thetas.size, chunk):
         c, s = cos[t0:t0 + chunk], sin[t0:t0 + chunk]
         k = c.size
         cell = np.multiply.outer(c, xb)
         cell += np.multiply.outer(s, yb)
-        cell += (np.arange(k) * nrho + offset + 0.5).astype(dtype)[:, None]
-        acc = np.bincount(cell.astype(np.intp).ravel(), minlength=k * nrho)
+        cell += dtype(offset + 0.5)
+        idx = cell.astype(np.intp)
+        idx += (np.arange(k, dtype=np.intp) * nrho)[:, None]
+        acc = np.bincount(idx.ravel(), minlength=k * nrho)
         i = int(acc.argmax())
         if acc[i] > best[0]:
             ti, ri = divmod(i, nrho)
@@ -456,7 +458,7 @@ def search(binned: np.ndarray, snr, max_trails: int = MAX_TRAILS) -> list[Trail]
     shape = tuple(snr.shape)
     cand = _candidate_pixels(binned)
     trails: list[Trail] = []
-    ys, xs = np.nonzero(cand)
+    ys, xs = np.divmod(np.flatnonzero(cand), cand.shape[1])
     # a line must beat what randomly placed candidates give: at their density, a coarse cell
     # (as long as the binned image's diagonal, rho_bin wide) gets ``e`` votes on average; ask
     # for e + 6 sqrt(e) there, and for MIN_LENGTH / (2 BIN) votes on the fine line

@@ -297,19 +297,25 @@ def truth_psf_snr(diff: np.ndarray, noise: np.ndarray, mask: np.ndarray, x: np.n
     return snr, scale
 
 
-def evaluate_difference(entry: dict, truth_dir: Path, match_arcsec: float = 1.5) -> dict:
+def evaluate_difference(entry: dict, truth_dir: Path, match_arcsec: float | None = None) -> dict:
     """Candidates of one difference of :func:`run_sim_night` against the simulator's truth.
 
     For each injected transient of the visit's target on the difference: its flux in the
     difference (science-stack units, from the true magnitudes and the stack's ``ZP_TOT``; the
     fading source: science minus reference flux), its S/N for PSF-optimal photometry from that
     flux and the difference's noise at its place (:func:`truth_psf_snr`, PSF of the image that
-    was not convolved), whether a candidate lies within ``match_arcsec`` (``found``), whether
-    any detection does (``detected``, to tell detection from vetting losses) and the label.
-    The moving object is matched to its position at the visit's mean time.
+    was not convolved), whether a candidate lies within ``match_arcsec`` (``found``; default
+    max(1.5", FWHM / 2) with FWHM that of the difference: 2.5 times the centroid error of an
+    S/N-5 point source), whether any detection does (``detected``, to tell detection from
+    vetting losses) and the label. The moving object is matched to its position at the
+    visit's mean time.
 
-    Returns ``{"rows": [...], "false": Table of unmatched candidates, "area_px": unmasked
-    pixels of the difference, "scale": noise scale}``.
+    A candidate is false when it lies farther than 1.5 FWHM (and ``match_arcsec``) from every
+    injected source (for the moving object: from its track over the visit); a candidate on
+    the wing of an injected source whose core is masked is its light, not a false alarm.
+
+    Returns ``{"rows": [...], "false": Table of false candidates, "area_px": unmasked pixels of
+    the difference, "scale": noise scale, ...}``.
     """
     import json
 
@@ -336,6 +342,9 @@ def evaluate_difference(entry: dict, truth_dir: Path, match_arcsec: float = 1.5)
     else:
         fwhm_px = float(sh["SEEING"]) / pixscale
         beta = float(sh.get("COGBETA", 3.5))
+    if match_arcsec is None:
+        match_arcsec = max(1.5, 0.5 * fwhm_px * pixscale)
+    assoc_arcsec = max(match_arcsec, 1.5 * fwhm_px * pixscale)
     inj = json.loads((truth_dir / "transients.json").read_text())
     items = list(inj.values()) if isinstance(inj, dict) else list(inj)
     frames = {f.raw.name for f in entry["frames"]}
@@ -349,12 +358,17 @@ def evaluate_difference(entry: dict, truth_dir: Path, match_arcsec: float = 1.5)
         rows_f = [r for r in tr["frames"] if r["file"] in frames]
         if not rows_f:
             continue
+        track = None
         if tr["kind"] == "moving":
             ts = np.array([Time(r["t_mid"], scale="utc").mjd for r in rows_f])
-            ra = float(np.polyval(np.polyfit(ts - tmid, [r["ra"] for r in rows_f], 1), 0)) if len(ts) > 1 \
-                else rows_f[0]["ra"]
-            dec = float(np.polyval(np.polyfit(ts - tmid, [r["dec"] for r in rows_f], 1), 0)) if len(ts) > 1 \
-                else rows_f[0]["dec"]
+            if len(ts) > 1:
+                pra = np.polyfit(ts - tmid, [r["ra"] for r in rows_f], 1)
+                pde = np.polyfit(ts - tmid, [r["dec"] for r in rows_f], 1)
+                ra, dec = float(np.polyval(pra, 0)), float(np.polyval(pde, 0))
+                half = 0.5 * (ts.max() - ts.min()) + max(f.header["EXPTIME"] for f in entry["frames"]) / 2 / 86400
+                track = [(float(np.polyval(pra, t)), float(np.polyval(pde, t))) for t in (-half, half)]
+            else:
+                ra, dec = rows_f[0]["ra"], rows_f[0]["dec"]
         else:
             ra, dec = tr["ra"], tr["dec"]
         x, y = wcs.all_world2pix(ra, dec, 0)
@@ -364,16 +378,20 @@ def evaluate_difference(entry: dict, truth_dir: Path, match_arcsec: float = 1.5)
         if tr["kind"] == "fading":
             flux -= 10 ** (-0.4 * (tr["mag_reference"][filt] - zp))
         rows.append({"id": tr["id"], "kind": tr["kind"], "ra": ra, "dec": dec, "x": float(x), "y": float(y),
-                     "flux": float(flux), "mag": tr["mag"][filt]})
+                     "flux": float(flux), "mag": tr["mag"][filt], "track": track})
     snr, scale = truth_psf_snr(diff, noise, mask, np.array([r["x"] for r in rows]), np.array([r["y"] for r in rows]),
                                np.array([r["flux"] for r in rows]), fwhm_px, beta)
     cra = np.asarray(cat["ALPHA_J2000"], float)
     cdec = np.asarray(cat["DELTA_J2000"], float)
     cand = np.asarray(cat["candidate"], bool)
     used = np.zeros(len(cat), bool)
+
+    def dist(ra0, dec0):
+        return np.hypot((cra - ra0) * np.cos(np.radians(dec0)), cdec - dec0) * 3600
+
     for r, s in zip(rows, snr, strict=True):
         r["snr"] = float(abs(s))
-        d = np.hypot((cra - r["ra"]) * np.cos(np.radians(r["dec"])), cdec - r["dec"]) * 3600 if len(cat) else np.zeros(0)
+        d = dist(r["ra"], r["dec"]) if len(cat) else np.zeros(0)
         near = d < (3 * match_arcsec if r["kind"] == "moving" else match_arcsec)
         r["detected"] = bool(near.any())
         r["found"] = bool((near & cand).any())
@@ -381,9 +399,14 @@ def evaluate_difference(entry: dict, truth_dir: Path, match_arcsec: float = 1.5)
             (int(np.flatnonzero(near)[np.argmin(d[near])]) if r["detected"] else -1)
         r["row"] = k
         r["label"] = str(cat["label"][k]) if k >= 0 else ""
-        used |= near
+        used |= d < assoc_arcsec
+        if r["track"] is not None and len(cat):
+            for t in np.linspace(0, 1, 9):
+                (a0, d0), (a1, d1) = r["track"]
+                used |= dist(a0 + t * (a1 - a0), d0 + t * (d1 - d0)) < assoc_arcsec
         r["masked_frac"] = float(np.mean(mask[max(int(r["y"]) - 3, 0):int(r["y"]) + 4,
                                               max(int(r["x"]) - 3, 0):int(r["x"]) + 4] != 0))
     false = cat[cand & ~used]
     return {"rows": rows, "false": false, "cat": cat, "area_px": int(np.sum(mask == 0)), "scale": scale,
-            "fwhm_px": fwhm_px, "shape": diff.shape, "subconv": str(dh.get("SUBCONV", ""))}
+            "fwhm_px": fwhm_px, "shape": diff.shape, "subconv": str(dh.get("SUBCONV", "")),
+            "match_arcsec": match_arcsec}

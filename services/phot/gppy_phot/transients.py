@@ -469,6 +469,28 @@ class SingleDetections:
     snr: np.ndarray | None = None    # its S/N
 
 
+def _fit_motion(p: np.ndarray, span: float, min_motion_arcsec: float, seeing_arcsec: float
+                ) -> tuple[float, float] | None:
+    """Straight-line motion through points ``(t - t_mean [days], east, north [arcsec], sigma)``
+    (see :func:`moving_objects` for the tests); (rate arcsec/h, PA deg) or None."""
+    t = p[:, 0] * 24.0
+    if t.max() - t.min() <= 0:
+        return None
+    a = np.column_stack([np.ones_like(t), t])
+    coef_e, *_ = np.linalg.lstsq(a, p[:, 1], rcond=None)
+    coef_n, *_ = np.linalg.lstsq(a, p[:, 2], rcond=None)
+    resid = np.hypot(p[:, 1] - a @ coef_e, p[:, 2] - a @ coef_n)
+    v = np.hypot(coef_e[1], coef_n[1])
+    # error of the path length: sigma_pos x span / sqrt(sum (t - mean t)^2) per axis
+    sig_path = float(np.median(p[:, 3])) * (t.max() - t.min()) / np.sqrt(((t - t.mean()) ** 2).sum())
+    sig_pos = float(np.median(p[:, 3]))
+    tol = max(0.5, 0.35 * seeing_arcsec)
+    through = np.hypot(coef_e[0], coef_n[0]) < max(tol, 3 * sig_pos)
+    if v * span >= max(min_motion_arcsec, 6 * sig_path) and np.sqrt(np.mean(resid**2)) < tol and through:
+        return float(v), float(np.rad2deg(np.arctan2(coef_e[1], coef_n[1])) % 360.0)
+    return None
+
+
 def moving_objects(ra: np.ndarray, dec: np.ndarray, singles: list[SingleDetections], min_motion_arcsec: float,
                    search_arcsec: float, flux: np.ndarray | None = None, sign: np.ndarray | None = None,
                    snr_min: float = 5.0, seeing_arcsec: float = 2.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -476,12 +498,17 @@ def moving_objects(ra: np.ndarray, dec: np.ndarray, singles: list[SingleDetectio
 
     For every positive detection, the unmatched single-frame sources within ``search_arcsec``
     with S/N >= ``snr_min`` and (when fluxes are given) a flux within a factor 3 of the
-    detection's are taken, one per frame (the nearest); with three or more frames a straight
-    line in time is fitted to their positions. A detection is moving when the fitted path is
+    detection's are taken, one per frame (the nearest); a straight line in time is fitted to
+    their positions (all of them; failing that, all but one, at least two: a single frame's
+    centroid may be off, a source merged with a star or a trail cut in two). With three or
+    more frames in the visit, a detection is moving when the fitted path is
     longer than ``min_motion_arcsec`` and than 6 sigma of its own error over the visit (a
     position error of SEEING / (S/N) per axis and frame, conservative for isophotal centroids),
-    the positions lie on the line (rms < 0.5 arcsec) and the line passes through the detection
-    at the mean time (within max(0.5 arcsec, 3 sigma): the stack shows the mean position).
+    the positions lie on the line (rms < max(0.5 arcsec, 0.35 SEEING)) and the line passes
+    through the detection at the mean time (within max(0.5 arcsec, 3 sigma, 0.35 SEEING): the
+    stack shows the mean position). The SEEING terms allow for the single frames' isophotal
+    centroids of a trailed source, which a masked column or the trail itself shifts by up to a
+    third of the seeing.
 
     Returns
     -------
@@ -523,23 +550,20 @@ def moving_objects(ra: np.ndarray, dec: np.ndarray, singles: list[SingleDetectio
             j = int(np.flatnonzero(ok)[np.argmin(d[ok])])
             snr_j = float(s.snr[j]) if s.snr is not None else 10.0
             pts.append((s.t - tmean, de[j], dn[j], seeing_arcsec / max(snr_j, 1.0)))
-        if len(pts) < 3:
+        if len(pts) < 2:
             continue
-        p = np.array(pts)
-        t = p[:, 0] * 24.0
-        a = np.column_stack([np.ones_like(t), t])
-        coef_e, *_ = np.linalg.lstsq(a, p[:, 1], rcond=None)
-        coef_n, *_ = np.linalg.lstsq(a, p[:, 2], rcond=None)
-        resid = np.hypot(p[:, 1] - a @ coef_e, p[:, 2] - a @ coef_n)
-        v = np.hypot(coef_e[1], coef_n[1])
-        # error of the path length: sigma_pos x span / sqrt(sum (t - mean t)^2) per axis
-        sig_path = float(np.median(p[:, 3])) * (t.max() - t.min()) / np.sqrt(((t - t.mean()) ** 2).sum())
-        sig_pos = float(np.median(p[:, 3]))
-        through = np.hypot(coef_e[0], coef_n[0]) < max(0.5, 3 * sig_pos)
-        if v * span >= max(min_motion_arcsec, 6 * sig_path) and np.sqrt(np.mean(resid**2)) < 0.5 and through:
-            moving[i] = True
-            rate[i] = v
-            pa[i] = np.rad2deg(np.arctan2(coef_e[1], coef_n[1])) % 360.0
+        p_all = np.array(pts)
+        # all the frames' points; failing that, all but one (a single frame's centroid can be
+        # off: a source merged with a star, or a trail cut in two), never fewer than two
+        subsets = [np.arange(len(p_all))]
+        if len(p_all) >= 3:
+            subsets += [np.delete(np.arange(len(p_all)), k) for k in range(len(p_all))]
+        for sub in subsets:
+            fit = _fit_motion(p_all[sub], span, min_motion_arcsec, seeing_arcsec)
+            if fit is not None:
+                moving[i] = True
+                rate[i], pa[i] = fit
+                break
     return moving, rate, pa
 
 

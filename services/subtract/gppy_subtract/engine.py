@@ -309,20 +309,39 @@ HARD_BITS = int(MaskBit.SATURATED | MaskBit.NONFINITE)
 GROW_NOISE_FRACTION = 0.2
 
 
-def _grown_mask(tgt: Plane, src: Plane, regions: list[RegionFit], var, sky_t: float, direction: str,
+def _max_filter(a, half: int, xp):
+    """Maximum over a (2 half + 1)^2 box (separable, by shifted slices; the box is cut at the
+    edges)."""
+    out = a
+    for axis in (0, 1):
+        src = out
+        out = src.copy()
+        n = src.shape[axis]
+        for sh in range(1, min(half, n - 1) + 1):
+            lo = [slice(None), slice(None)]
+            hi = [slice(None), slice(None)]
+            lo[axis], hi[axis] = slice(0, n - sh), slice(sh, n)
+            lo, hi = tuple(lo), tuple(hi)
+            xp.maximum(out[hi], src[lo], out=out[hi])
+            xp.maximum(out[lo], src[hi], out=out[lo])
+    return out
+
+
+def _grown_mask(tgt: Plane, src: Plane, regions: list[RegionFit], var, sky_t: float, sky_i: float, direction: str,
                 fwhm_t: float, fwhm_i: float, r: int, xp, fft, tile: int):
     """Difference pixels spoilt by masked pixels of the convolved image.
 
     A masked pixel of the convolved image (filled with its sky) lacks whatever light it held,
     and the kernel spreads that lack over its footprint. Around saturated or non-finite
     pixels (any flux) the whole footprint is masked. Elsewhere (cosmic rays, bad columns, hot
-    pixels, trails, the edge of the data) the light is estimated from the other image at the
-    same place: its significant part (beyond 2 sigma), on the convolved image's scale and
-    peak height (times (FWHM_t / FWHM_i)^2 when the convolved image is the sharper), convolved
-    with ``|K|``; a difference pixel is masked where that exceeds :data:`GROW_NOISE_FRACTION`
-    of its noise. Masked pixels on blank sky thus spoil nothing, and only the difference
-    pixels near sources lose to a masked pixel nearby. Where both images are masked the light
-    is unknown and the whole footprint is masked.
+    pixels, trails, the edge of the data) the light is estimated, on the convolved image's
+    scale, as the larger of: the other image's significant light (beyond 2 sigma) at the same
+    place (divided by the kernel sum, times (FWHM_t / FWHM_i)^2 when the convolved image is
+    the sharper), and the convolved image's own significant light within 2 px (a source
+    partly on the masked pixel, present in that image only: a transient when the science is
+    convolved). Convolved with ``|K|``, it masks the difference pixels where it exceeds
+    :data:`GROW_NOISE_FRACTION` of their noise. Masked pixels on blank sky thus spoil nothing.
+    Where both images are masked the light is unknown and the whole footprint is masked.
     """
     smask = src.mask != 0
     hard = ((src.mask & HARD_BITS) != 0) | (smask & (tgt.mask != 0))
@@ -331,16 +350,20 @@ def _grown_mask(tgt: Plane, src: Plane, regions: list[RegionFit], var, sky_t: fl
     if not bool(soft.any()):
         return grown
     peak = max(1.0, (fwhm_t / max(fwhm_i, 1e-3)) ** 2)
-    sig_t = xp.sqrt(xp.clip(tgt.var, 0, None))
-    light = xp.where(soft, xp.clip(xp.abs(tgt.data - xp.float32(sky_t)) - 2 * sig_t, 0, None), 0).astype(xp.float32)
-    del sig_t
+    sig = xp.sqrt(xp.clip(tgt.var, 0, None))
+    light_t = xp.clip(xp.abs(tgt.data - xp.float32(sky_t)) - 2 * sig, 0, None).astype(xp.float32)
+    sig = xp.sqrt(xp.clip(src.var, 0, None))
+    own = xp.where(smask, 0, xp.clip(xp.abs(src.data - xp.float32(sky_i)) - 2 * sig, 0, None)).astype(xp.float32)
+    del sig
+    own = _max_filter(own, 2, xp)
     for reg in regions:
         y0, y1, x0, x1 = reg.bounds
         sol = reg.solution
         k = xp.abs(xp.asarray(sol.kernel_at(0.5 * (x0 + x1 - 1), 0.5 * (y0 + y1 - 1)), dtype=xp.float32))
         flux = abs(float(sol.flux)) or 1.0
-        # the source's light = target light / kernel sum; spread by |K| (target units)
-        spread = convolve_tilewise(light, reg.bounds, k, xp, fft, tile=tile) * xp.float32(peak / flux)
+        light = xp.where(soft, xp.maximum(light_t * xp.float32(peak / flux), own), 0).astype(xp.float32)
+        # spread by |K| into the difference (target units)
+        spread = convolve_tilewise(light, reg.bounds, k, xp, fft, tile=tile)
         if direction == "science":
             spread = spread * xp.float32(1.0 / flux)      # the difference is on the science scale
         noise = xp.sqrt(xp.clip(var[y0:y1, x0:x1], 0, None))
@@ -501,7 +524,7 @@ def _subtract(science: Plane, reference: Plane, xp, p: EngineParams) -> Subtract
         out = sci_mask.copy()
         out[ref_mask != 0] |= int(MaskBit.REFERENCE)
         if p.mask_growth == "light":
-            grown = _grown_mask(tgt, src, regions, var, sky_t, direction, float(np.median(fw_t)),
+            grown = _grown_mask(tgt, src, regions, var, sky_t, sky_i, direction, float(np.median(fw_t)),
                                 float(np.median(fw_i)), r, xp, fft, p.tile)
         else:
             grown = dilate(src.mask != 0, r, xp)

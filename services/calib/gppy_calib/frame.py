@@ -15,9 +15,9 @@ GIL in its loops). One pass gives, per pixel:
   (:func:`gppy_calib.reduce.variance_terms`);
 * the candidate pixels of the cosmic-ray search (:func:`gppy_calib.masks.cosmic_ray_candidates`,
   with a 3-row halo so that bands see their neighbours);
-* the binned S/N image of the trail search (:func:`gppy_calib.trails.snr_image` binned by
-  :data:`gppy_calib.trails.BIN`), with the cosmic-ray candidates left out (they are sharp:
-  no trail light), so that the trail search need not wait for the cosmic rays.
+* the binned S/N image of the trail search (:func:`gppy_calib.trails.block_snr`), with the
+  cosmic-ray candidates left out (they are sharp: no trail light), so that the trail search
+  need not wait for the cosmic rays.
 
 The sky level and the trail search's background, both medians of every 4th pixel, come
 first from that sub-grid (:func:`frame_statistics`), so that the pass needs them ready.
@@ -76,6 +76,10 @@ class FrameTerms:
         Minimum of ``a``, ``b``, ``c`` over the unflagged pixels of each block of
         :data:`BAND_ROWS` rows (inf for a block without one): a lower bound of the variance
         of a band, for the cosmic-ray pre-screen.
+    bin_a, bin_b, bin_c : array
+        Sums of ``a``, ``b``, ``c`` over the unflagged pixels of each
+        :data:`gppy_calib.trails.BIN`-square block (float64): the variance of the trail
+        search's block sums.
     """
 
     offset: object
@@ -89,6 +93,9 @@ class FrameTerms:
     floor_a: np.ndarray = field(default_factory=lambda: np.zeros(0))
     floor_b: np.ndarray = field(default_factory=lambda: np.zeros(0))
     floor_c: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    bin_a: object = None
+    bin_b: object = None
+    bin_c: object = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -125,7 +132,9 @@ def frame_terms(bias, dark, flat, bias_err, dark_err, flat_err, bad, scale: floa
             ok = xp.isfinite(t) & ((t > lo) if t is a else (t >= lo))
             regular = regular and bool(xp.all(ok | ~good))
     nbad = int(xp.count_nonzero(bad & xp.uint16(_BAD)))
-    return FrameTerms(offset, invflat, bad, a, b, c, nbad, regular, *floors)
+    with np.errstate(invalid="ignore"):
+        bins = [trails.bin_sum(xp.where(good & xp.isfinite(t), t, f32(0)).astype(xp.float64)) for t in (a, b, c)]
+    return FrameTerms(offset, invflat, bad, a, b, c, nbad, regular, *floors, *bins)
 
 
 def variance_at(terms: FrameTerms, sky: float, ys, xs, xp: ModuleType) -> np.ndarray:
@@ -258,6 +267,37 @@ def _share(func, items: list, workers: int, pool: ThreadPoolExecutor | None) -> 
     return results
 
 
+def _trail_bins(xp: ModuleType, red, var, masked, cand, r0: int, nb: int, nbx: int, terms: FrameTerms, bkg_cols,
+                sky, binned: np.ndarray) -> None:
+    """Rows ``r0 // BIN`` on of the trail search's binned S/N (:func:`gppy_calib.trails.block_snr`)
+    from a band: the block sums of the whole band, less the pixels left out (masked, or
+    cosmic-ray candidates: sharp, no trail light), so that only a few pixels are handled one
+    by one; the variance sums over the master-good pixels come from :class:`FrameTerms`."""
+    b = trails.BIN
+    hb, wb = nb * b, nbx * b
+    b0 = r0 // b
+    blk = (r0 + b * xp.arange(nb)) // trails.BKG_BLOCK
+    bk_bins = bkg_cols[blk][:, 0:wb:b].astype(xp.float64)                 # (nb, nbx)
+    num = trails.bin_sum(red[:hb, :wb]).astype(xp.float64) - (b * b) * bk_bins
+    den = terms.bin_a[b0:b0 + nb] + sky * (terms.bin_b[b0:b0 + nb] + sky * terms.bin_c[b0:b0 + nb])
+    idx = xp.flatnonzero(masked[:hb, :wb])
+    iy, ix = idx // wb, idx % wb
+    if cand is not None and cand[0].size:
+        cy, cx = xp.asarray(cand[0] - r0), xp.asarray(cand[1])
+        inside = (cy < hb) & (cx < wb)
+        iy, ix = xp.concatenate([iy, cy[inside]]), xp.concatenate([ix, cx[inside]])
+    n = nb * nbx
+    cell = (iy // b) * nbx + ix // b
+    resid = red[iy, ix].astype(xp.float64) - bkg_cols[(r0 + iy) // trails.BKG_BLOCK, ix]
+    num -= xp.bincount(cell, weights=resid, minlength=n).reshape(nb, nbx)
+    good = terms.bad[r0 + iy, ix] == 0                                     # in the sums of FrameTerms
+    den -= xp.bincount(cell[good], weights=var[iy[good], ix[good]].astype(xp.float64), minlength=n).reshape(nb, nbx)
+    left = xp.bincount(cell, minlength=n).reshape(nb, nbx) < b * b
+    valid = left & (den > 0)
+    snr = xp.where(valid, num / xp.sqrt(xp.where(valid, den, 1.0)), 0.0)
+    binned[b0:b0 + nb] = to_host(snr).astype(np.float32)
+
+
 def reduce_pass(raw, terms: FrameTerms, stats: FrameStats, sat_raw: float, gain: float, out: FrameBuffers,
                 xp: ModuleType, *, cosmic_rays: bool, satellite_trails: bool, workers: int = 2,
                 band_rows: int = BAND_ROWS, pool: ThreadPoolExecutor | None = None) -> FramePass:
@@ -353,17 +393,7 @@ def reduce_pass(raw, terms: FrameTerms, stats: FrameStats, sat_raw: float, gain:
         if satellite_trails:
             nb = (r1 - r0) // trails.BIN
             if nb and nbx:
-                blk = r0 // trails.BKG_BLOCK
-                if (r1 - 1) // trails.BKG_BLOCK == blk:
-                    bk = bkg_cols[blk][None, :]
-                else:
-                    bk = bkg_cols[xp.arange(r0, r1) // trails.BKG_BLOCK]
-                snr = red_o - bk
-                snr *= xp.sqrt(w)                        # 1 / noise, 0 where masked
-                if cosmic_rays and res["cr"][0].size:    # sharp candidates are no trail light
-                    snr[xp.asarray(res["cr"][0] - r0), xp.asarray(res["cr"][1])] = 0
-                b0 = r0 // trails.BIN
-                binned[b0:b0 + nb] = to_host(trails.bin_snr(snr, trails.BIN))
+                _trail_bins(xp, red_o, var, masked, res.get("cr"), r0, nb, nbx, terms, bkg_cols, sky, binned)
         return res
 
     if cpu and workers > 1 and len(bands) > 1:

@@ -2,10 +2,12 @@
 
 Steps, for a reduced frame, its background noise and the pixels already masked:
 
-1. S/N image ``(image - background) / noise`` with masked pixels set to 0; the background is
-   a block median (``BKG_BLOCK`` px) so that gentle gradients do not matter.
-2. Bin by ``BIN`` x ``BIN`` (the mean S/N times ``BIN``: the S/N of the block sum), and keep
-   the binned pixels above ``DETECT_SNR``.
+1. Residual image ``image - background`` (the background is a block median, ``BKG_BLOCK``
+   px, so that gentle gradients do not matter) and its S/N ``residual / noise`` with masked
+   pixels set to 0.
+2. Bin by ``BIN`` x ``BIN``: the S/N of each block sum over its unmasked pixels,
+   ``sum(residual) / sqrt(sum(noise^2))`` (:func:`block_snr`), and keep the binned pixels
+   above ``DETECT_SNR``.
 3. Drop compact blobs (stars, galaxies): connected groups that are neither small (at most
    ``SMALL_BLOB`` binned px, the fragments a faint trail breaks into) nor elongated (the
    ratio of the principal axes at least ``ELONGATION``).
@@ -111,37 +113,52 @@ def _block_median(image: np.ndarray, good: np.ndarray, block: int, step: int = 4
     return block_background(image[::step, ::step], good[::step, ::step], image.shape, block, step)
 
 
-def snr_image(image: np.ndarray, noise: np.ndarray | float, masked: np.ndarray) -> np.ndarray:
-    """Background-subtracted S/N per pixel; 0 on masked or non-finite pixels."""
+def residual_image(image: np.ndarray, masked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``image - background`` (block medians of :func:`_block_median`) and the good pixels
+    (unmasked and finite)."""
     image = np.asarray(image, dtype=np.float32)
     good = ~np.asarray(masked, dtype=bool) & np.isfinite(image)
     med = _block_median(image, good, BKG_BLOCK)
     ny, nx = image.shape
     by, bx = med.shape
-    snr = np.zeros((by * BKG_BLOCK, bx * BKG_BLOCK), np.float32)
-    snr[:ny, :nx] = image
-    view = snr.reshape(by, BKG_BLOCK, bx, BKG_BLOCK)
+    res = np.zeros((by * BKG_BLOCK, bx * BKG_BLOCK), np.float32)
+    res[:ny, :nx] = image
+    view = res.reshape(by, BKG_BLOCK, bx, BKG_BLOCK)
     view -= med[:, None, :, None]
-    snr = snr[:ny, :nx]
+    return res[:ny, :nx], good
+
+
+def snr_image(image: np.ndarray, noise: np.ndarray | float, masked: np.ndarray) -> np.ndarray:
+    """Background-subtracted S/N per pixel; 0 on masked or non-finite pixels."""
+    snr, good = residual_image(image, masked)
     with np.errstate(all="ignore"):
         snr /= np.asarray(noise, dtype=np.float32)
     snr[~good | ~np.isfinite(snr)] = 0.0
     return snr
 
 
-def bin_snr(snr, b: int = BIN):
-    """S/N of ``b`` x ``b`` block sums (``mean * b``); rows and columns beyond a whole block
-    are dropped. Works on NumPy and CuPy arrays."""
-    ny, nx = snr.shape
+def bin_sum(a, b: int = BIN):
+    """Sums over ``b`` x ``b`` blocks; rows and columns beyond a whole block are dropped.
+    Works on NumPy and CuPy arrays (same dtype as ``a``)."""
+    ny, nx = a.shape
     by, bx = ny // b, nx // b
-    rows = snr[0:by * b:b, :bx * b].copy()             # sums of b rows, then of b columns
+    rows = a[0:by * b:b, :bx * b].copy()               # sums of b rows, then of b columns
     for k in range(1, b):
-        rows += snr[k:by * b:b, :bx * b]
+        rows += a[k:by * b:b, :bx * b]
     out = rows[:, 0::b].copy()
     for k in range(1, b):
         out += rows[:, k::b]
-    out *= out.dtype.type(1.0 / b)
     return out
+
+
+def block_snr(residual: np.ndarray, var: np.ndarray, good: np.ndarray, b: int = BIN) -> np.ndarray:
+    """S/N of the ``b`` x ``b`` block sums of ``residual`` over the good pixels,
+    ``sum(residual) / sqrt(sum(var))`` (0 for a block without a good pixel), float32."""
+    ok = np.asarray(good, dtype=bool) & np.isfinite(var) & (np.asarray(var) > 0)
+    num = bin_sum(np.where(ok, residual, 0).astype(np.float64), b)
+    den = bin_sum(np.where(ok, var, 0).astype(np.float64), b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.sqrt(den), 0.0).astype(np.float32)
 
 
 def _candidate_pixels(binned: np.ndarray) -> np.ndarray:
@@ -428,9 +445,14 @@ def detect_trails(image: np.ndarray, noise: np.ndarray | float, masked: np.ndarr
     trails : list of Trail
     """
     shape = image.shape
-    snr = snr_image(image, noise, masked)
+    residual, good = residual_image(image, masked)
+    noise = np.broadcast_to(np.asarray(noise, dtype=np.float32), shape)
+    binned = block_snr(residual, noise * noise, good)
+    with np.errstate(all="ignore"):
+        snr = residual / noise
+    snr[~good | ~np.isfinite(snr)] = 0.0
     out = np.zeros(shape, dtype=bool)
-    found = search(bin_snr(snr, BIN), snr, max_trails)
+    found = search(binned, snr, max_trails)
     for trail in found:
         ty, tx = trail_pixels(shape, trail)
         out[ty, tx] = True
@@ -438,12 +460,12 @@ def detect_trails(image: np.ndarray, noise: np.ndarray | float, masked: np.ndarr
 
 
 def search(binned: np.ndarray, snr, max_trails: int = MAX_TRAILS) -> list[Trail]:
-    """Steps 3-6 of the module docstring on a binned S/N image (:func:`bin_snr`).
+    """Steps 3-6 of the module docstring on a binned S/N image (:func:`block_snr`).
 
     Parameters
     ----------
     binned : numpy.ndarray
-        Binned S/N image.
+        Binned S/N image (:func:`block_snr`).
     snr : numpy.ndarray or array-like
         The full-resolution S/N image, or any object with its ``shape`` that returns the S/N
         at pixels ``snr[ys, xs]`` and accepts ``snr[ys, xs] = 0`` (see

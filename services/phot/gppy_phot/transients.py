@@ -485,7 +485,9 @@ def _fit_motion(p: np.ndarray, span: float, min_motion_arcsec: float, seeing_arc
     sig_path = float(np.median(p[:, 3])) * (t.max() - t.min()) / np.sqrt(((t - t.mean()) ** 2).sum())
     sig_pos = float(np.median(p[:, 3]))
     tol = max(0.5, 0.35 * seeing_arcsec)
-    through = np.hypot(coef_e[0], coef_n[0]) < max(tol, 3 * sig_pos)
+    # two points fit any line: then the line must pass through the detection as closely as
+    # their own errors allow
+    through = np.hypot(coef_e[0], coef_n[0]) < (max(tol, 3 * sig_pos) if len(p) >= 3 else max(0.5, 3 * sig_pos))
     if v * span >= max(min_motion_arcsec, 6 * sig_path) and np.sqrt(np.mean(resid**2)) < tol and through:
         return float(v), float(np.rad2deg(np.arctan2(coef_e[1], coef_n[1])) % 360.0)
     return None
@@ -500,8 +502,9 @@ def moving_objects(ra: np.ndarray, dec: np.ndarray, singles: list[SingleDetectio
     with S/N >= ``snr_min`` and (when fluxes are given) a flux within a factor 3 of the
     detection's are taken, one per frame (the nearest); a straight line in time is fitted to
     their positions (all of them; failing that, all but one, at least two: a single frame's
-    centroid may be off, a source merged with a star or a trail cut in two). With three or
-    more frames in the visit, a detection is moving when the fitted path is
+    centroid may be off, a source merged with a star or a trail cut in two; with two points the
+    line must pass within max(0.5", 3 sigma) of the detection). With three or more frames in
+    the visit, a detection is moving when the fitted path is
     longer than ``min_motion_arcsec`` and than 6 sigma of its own error over the visit (a
     position error of SEEING / (S/N) per axis and frame, conservative for isophotal centroids),
     the positions lie on the line (rms < max(0.5 arcsec, 0.35 SEEING)) and the line passes
@@ -560,6 +563,11 @@ def moving_objects(ra: np.ndarray, dec: np.ndarray, singles: list[SingleDetectio
             subsets += [np.delete(np.arange(len(p_all)), k) for k in range(len(p_all))]
         for sub in subsets:
             fit = _fit_motion(p_all[sub], span, min_motion_arcsec, seeing_arcsec)
+            left = np.setdiff1d(np.arange(len(p_all)), sub)
+            # a frame left out that shows a source right at the detection: a static source
+            if fit is not None and any(np.hypot(p_all[k, 1], p_all[k, 2]) < max(0.5, 3 * p_all[k, 3])
+                                       for k in left):
+                fit = None
             if fit is not None:
                 moving[i] = True
                 rate[i], pa[i] = fit

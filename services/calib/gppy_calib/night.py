@@ -24,6 +24,7 @@ import logging
 import time
 import warnings
 from collections import Counter, OrderedDict, defaultdict
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -577,6 +578,9 @@ class NightCalibrator:
             # and trails are searched; their pixels are then patched in the files and the
             # image header's counts rewritten in place (same size)
             written = [pool.submit(_write_image, t, data, h) for t, (_, data, h) in zip(tmp, products, strict=True)]
+            # whatever happens, no thread is left writing a file or reading the buffers when
+            # the files are renamed (or removed, after an error)
+            stack.callback(futures.wait, written)
             # cosmic rays (astroscrappy, which releases the GIL) in a thread while the trail search
             # runs here; both only read the buffers, the flags are set after
             fut = None
@@ -584,6 +588,7 @@ class NightCalibrator:
                 fut = pool.submit(self._timed, steps, "cosmic_rays", masks.cosmic_ray_windows, buf.image_be,
                                   lambda y, x: frame.variance_at(terms, sky, y, x, xp), buf.mask_be, fp.cr_y, fp.cr_x,
                                   sky, egain, rn_adu * gain, sat_red, workers=1 if tr_on else self.workers)
+                stack.callback(futures.wait, [fut])
             if tr_on:
                 snr = frame.PixelSNR(buf.image_be, terms, stats, buf.mask_be, xp, exclude=(fp.cr_y, fp.cr_x))
                 trail_list = self._timed(steps, "trails", trails.search, fp.binned, snr)

@@ -63,10 +63,16 @@ class FrameTerms:
         ``bias + dark * s``, raw ADU.
     invflat : array
         ``1 / flat`` (inf or NaN where the flat is 0 or NaN).
-    bad : array of uint16
-        ``BAD`` and ``EDGE`` bits from the masters.
-    var_a, var_b, var_c : array
-        Variance terms, ``var = a + sky * (b + sky * c)`` (reduced ADU^2).
+    bad : array of uint8
+        ``BAD`` and ``EDGE`` bits from the masters (every bit the calibration sets fits in 8
+        bits; the mask file is int16).
+    var_a, var_c : array
+        Variance terms, ``var = a + sky * (b + sky * c)`` (reduced ADU^2), with
+        ``b = invflat * inv_gain`` (:func:`gppy_calib.reduce.variance_terms`), computed from
+        ``invflat`` where needed: one array less to read per frame (the pass is bound by
+        memory traffic).
+    inv_gain : float
+        ``1 / g``, e-/ADU of the raw frame.
     nbad : int
         Pixels with the ``BAD`` bit.
     regular : bool
@@ -86,8 +92,8 @@ class FrameTerms:
     invflat: object
     bad: object
     var_a: object
-    var_b: object
     var_c: object
+    inv_gain: float = 1.0
     nbad: int = 0
     regular: bool = False
     floor_a: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -113,13 +119,16 @@ class FrameTerms:
 def frame_terms(bias, dark, flat, bias_err, dark_err, flat_err, bad, scale: float, gain: float,
                 rdnoise_adu: float, xp: ModuleType) -> FrameTerms:
     """:class:`FrameTerms` of a master set (see :func:`gppy_calib.reduce.variance_terms` for the
-    arguments; ``bad`` is the uint16 mask of the masters)."""
+    arguments; ``bad`` is the mask of the masters, bits below 256)."""
     f32 = xp.float32
     offset = xp.asarray(bias, dtype=f32) + xp.asarray(dark, dtype=f32) * f32(scale)
     with np.errstate(divide="ignore", invalid="ignore"):
         invflat = f32(1) / xp.asarray(flat, dtype=f32)
     a, b, c = reduce.variance_terms(flat, dark, bias_err, dark_err, flat_err, scale, gain, rdnoise_adu, xp)
-    bad = xp.asarray(bad, dtype=xp.uint16)
+    bad = xp.asarray(bad)
+    if bad.size and int(bad.max()) > 0xFF:
+        raise ValueError("master mask bits beyond 8 bits")
+    bad = bad.astype(xp.uint8)
     good = bad == 0
     ny = int(bad.shape[0])
     floors = []
@@ -131,10 +140,10 @@ def frame_terms(bias, dark, flat, bias_err, dark_err, flat_err, bad, scale: floa
             floors.append(fl)
             ok = xp.isfinite(t) & ((t > lo) if t is a else (t >= lo))
             regular = regular and bool(xp.all(ok | ~good))
-    nbad = int(xp.count_nonzero(bad & xp.uint16(_BAD)))
+    nbad = int(xp.count_nonzero(bad & xp.uint8(_BAD)))
     with np.errstate(invalid="ignore"):
         bins = [trails.bin_sum(xp.where(good & xp.isfinite(t), t, f32(0)).astype(xp.float64)) for t in (a, b, c)]
-    return FrameTerms(offset, invflat, bad, a, b, c, nbad, regular, *floors, *bins)
+    return FrameTerms(offset, invflat, bad, a, c, float(f32(1.0 / gain)), nbad, regular, *floors, *bins)
 
 
 def variance_at(terms: FrameTerms, sky: float, ys, xs, xp: ModuleType) -> np.ndarray:
@@ -143,7 +152,8 @@ def variance_at(terms: FrameTerms, sky: float, ys, xs, xp: ModuleType) -> np.nda
     s = np.float32(max(float(sky), 0.0))
     if backend_name(xp) != "numpy":
         ys, xs = xp.asarray(ys), xp.asarray(xs)
-    a, b, c = terms.var_a[ys, xs], terms.var_b[ys, xs], terms.var_c[ys, xs]
+    a, c = terms.var_a[ys, xs], terms.var_c[ys, xs]
+    b = terms.invflat[ys, xs] * np.float32(terms.inv_gain)
     return to_host(a + s * (b + s * c)).astype(np.float32, copy=False)
 
 
@@ -345,7 +355,8 @@ def reduce_pass(raw, terms: FrameTerms, stats: FrameStats, sat_raw: float, gain:
         bkg_cols = bkg[:, xp.arange(nx) // trails.BKG_BLOCK]            # (blocks y, nx)
     sat = f32(sat_raw)
     halo = CR_HALO if cosmic_rays else 0
-    sat_bit, nf_bit = xp.uint16(_SAT), xp.uint16(_NONFINITE)
+    sat_bit, nf_bit = xp.uint8(_SAT), xp.uint8(_NONFINITE)
+    inv_gain = f32(terms.inv_gain)
 
     def band(rows: tuple[int, int]) -> dict:
         r0, r1 = rows
@@ -370,7 +381,7 @@ def reduce_pass(raw, terms: FrameTerms, stats: FrameStats, sat_raw: float, gain:
             m[~finite[own]] |= nf_bit
         red_o = red[own]
         var = terms.var_c[r0:r1] * sky
-        var += terms.var_b[r0:r1]
+        var += terms.invflat[r0:r1] * inv_gain              # b (see FrameTerms)
         var *= sky
         var += terms.var_a[r0:r1]
         masked = m != 0

@@ -158,3 +158,60 @@ def test_products_are_patched_in_place(tmp_path):
     with fits.open(path) as h:
         assert h[0].header["NTRAIL"].endswith("y" * 3000)
         assert np.array_equal(h[0].data, data)
+
+
+def test_products_written_early_and_patched_equal_products_written_last(tmp_path):
+    """The files written before the cosmic-ray and trail searches and patched after are the
+    files written once everything is known (pixels and headers)."""
+    from gppy.config import PathConfig, Settings
+    from gppy.tables import load_changehdr
+    from gppy.xp import get_xp
+    from gppy_calib.headers import describe
+    from gppy_calib.night import Job, MasterRef, NightCalibrator
+    from gppy_calib.rawio import write_master
+
+    rng = np.random.default_rng(7)
+    shape = (300, 420)
+    bias, dark, flat, errs, _ = _masters(shape, rng)
+    raw = _raw(bias, dark * 100.0, flat, rng, n_cr=60)
+    raw[150:153, :] += 400.0                                  # a trail along a row
+    raw = np.nan_to_num(raw, nan=500.0)
+    h = fits.Header()
+    for k, v in {"IMAGETYP": "Light Frame", "EXPTIME": 100.0, "DATE-OBS": "2025-01-15T21:40:00",
+                 "FILTER": "m425", "OBJECT": "T00001", "EGAIN": GAIN}.items():
+        h[k] = v
+    raw_path = tmp_path / "raw.fits"
+    fits.PrimaryHDU(np.clip(raw, 0, 65535).astype(np.uint16), h).writeto(raw_path)
+    mroot = tmp_path / "mframe" / "7DT01"
+    refs = {}
+    for kind, data, err, name, extra in (("bias", bias, errs[0], "zero/20250115-zero.fits", {"NCOMBINE": 9}),
+                                         ("dark", dark * 100.0, errs[1] * 100, "dark/100-20250115-dark.fits",
+                                          {"NCOMBINE": 9, "EXPTIME": 100.0}),
+                                         ("flat", flat, errs[2], "flat/20250115-nm425.fits", {"NCOMBINE": 9})):
+        mh = fits.Header()
+        for k, v in extra.items():
+            mh[k] = v
+        refs[kind] = write_master(mroot / name, data, err, mh)
+    paths = PathConfig(path_base=tmp_path / "factory", path_processed=tmp_path / "processed",
+                       path_mframe=tmp_path / "mframe")
+    info = describe(str(raw_path), fits.getheader(raw_path), load_changehdr())
+    files = {}
+    for early in (True, False):
+        cal = NightCalibrator(Settings(gpu="off"), paths, "7DT01", get_xp("off"))
+        cal.write_early = early
+        job = Job(info, tmp_path / f"out_{early}" / "calib.fits", "v1", MasterRef("bias", refs["bias"], "20250115"),
+                  MasterRef("dark", refs["dark"], "20250115", exptime=100.0),
+                  MasterRef("flat", refs["flat"], "20250115", filter="m425"))
+        prod = cal.reduce(job)
+        assert prod.ncr > 20 and prod.ntrail == 1
+        files[early] = [fits.open(p) for p in (prod.image, prod.weight, prod.mask)]
+    for a, b in zip(files[True], files[False], strict=True):
+        assert np.array_equal(a[0].data, b[0].data)
+        ha, hb = a[0].header, b[0].header
+        assert [k for k in ha if k != "HISTORY"] == [k for k in hb if k != "HISTORY"]
+        for key in ("NCRPIX", "NTRAIL", "NTRLPIX", "NBADPIX", "NSATPIX"):
+            assert ha.get(key) == hb.get(key)
+    image, weight, mask = files[True]
+    assert image[0].header["NCRPIX"] == int(np.count_nonzero(mask[0].data & int(MaskBit.COSMIC_RAY)))
+    assert image[0].header["NTRLPIX"] == int(np.count_nonzero(mask[0].data & int(MaskBit.TRAIL)))
+    assert (weight[0].data[mask[0].data != 0] == 0).all() and (weight[0].data[mask[0].data == 0] > 0).all()

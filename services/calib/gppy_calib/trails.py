@@ -276,13 +276,13 @@ def _strip(shape: tuple[int, int], theta: float, rho: float, half: float):
     """
     ny, nx = shape
     c, s = np.cos(theta), np.sin(theta)
-    if abs(s) >= abs(c):          # line closer to horizontal: walk along x
-        xs = np.arange(nx, dtype=np.float64)
-        yc = (rho - xs * c) / s
+    if abs(s) >= abs(c):          # line closer to horizontal: walk along x, one offset at a time
+        xs = np.arange(nx, dtype=np.float64)                 # (pixels in memory order: the
+        yc = (rho - xs * c) / s                              # image is read row by row)
         span = int(np.ceil(half / abs(s))) + 1
         offs = np.arange(-span, span + 2)
-        X = np.repeat(xs, offs.size)
-        Y = np.repeat(np.floor(yc), offs.size) + np.tile(offs, xs.size)
+        X = np.tile(xs, offs.size)
+        Y = np.tile(np.floor(yc), offs.size) + np.repeat(offs, xs.size)
     else:                          # closer to vertical: walk along y
         ys = np.arange(ny, dtype=np.float64)
         xc = (rho - ys * s) / c

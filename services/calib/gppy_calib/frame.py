@@ -86,6 +86,9 @@ class FrameTerms:
         Sums of ``a``, ``b``, ``c`` over the unflagged pixels of each
         :data:`gppy_calib.trails.BIN`-square block (float64): the variance of the trail
         search's block sums.
+    sub : tuple of array
+        ``offset``, ``invflat`` and ``bad`` on the statistics sub-grid (every
+        :data:`gppy_calib.reduce.STAT_STEP`-th pixel), contiguous.
     """
 
     offset: object
@@ -102,6 +105,7 @@ class FrameTerms:
     bin_a: object = None
     bin_b: object = None
     bin_c: object = None
+    sub: tuple = ()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -143,7 +147,9 @@ def frame_terms(bias, dark, flat, bias_err, dark_err, flat_err, bad, scale: floa
     nbad = int(xp.count_nonzero(bad & xp.uint8(_BAD)))
     with np.errstate(invalid="ignore"):
         bins = [trails.bin_sum(xp.where(good & xp.isfinite(t), t, f32(0)).astype(xp.float64)) for t in (a, b, c)]
-    return FrameTerms(offset, invflat, bad, a, c, float(f32(1.0 / gain)), nbad, regular, *floors, *bins)
+    st = reduce.STAT_STEP
+    sub = tuple(xp.ascontiguousarray(t[::st, ::st]) for t in (offset, invflat, bad))
+    return FrameTerms(offset, invflat, bad, a, c, float(f32(1.0 / gain)), nbad, regular, *floors, *bins, sub)
 
 
 def variance_at(terms: FrameTerms, sky: float, ys, xs, xp: ModuleType) -> np.ndarray:
@@ -183,6 +189,18 @@ class FrameStats:
         return not (np.isfinite(self.raw_min) and np.isfinite(self.raw_max)) or self.raw_min == self.raw_max
 
 
+def _median(xp: ModuleType, vals) -> float:
+    """``median(vals)`` (NaN when empty) as :func:`numpy.median` gives it, from one partition:
+    for an even count the lower middle value is the maximum of the lower part."""
+    n = int(vals.size)
+    if n == 0:
+        return float("nan")
+    part = xp.partition(vals, n // 2)
+    if n % 2:
+        return float(part[n // 2])
+    return float(xp.mean(xp.stack([xp.max(part[:n // 2]), part[n // 2]])))
+
+
 def frame_statistics(raw, terms: FrameTerms, sat_raw: float, xp: ModuleType, background: bool,
                      step: int = reduce.STAT_STEP) -> FrameStats:
     """The sky (median of the good reduced pixels on the sub-grid) and, when asked, the trail
@@ -194,11 +212,14 @@ def frame_statistics(raw, terms: FrameTerms, sat_raw: float, xp: ModuleType, bac
     """
     f32 = xp.float32
     raw_s = xp.asarray(raw[::step, ::step], dtype=f32)
+    if step == reduce.STAT_STEP and terms.sub:
+        off_s, inv_s, bad_s = terms.sub
+    else:
+        off_s, inv_s, bad_s = (t[::step, ::step] for t in (terms.offset, terms.invflat, terms.bad))
     with np.errstate(invalid="ignore"):
-        red_s = (raw_s - terms.offset[::step, ::step]) * terms.invflat[::step, ::step]
-    good = (terms.bad[::step, ::step] == 0) & (raw_s < f32(sat_raw)) & xp.isfinite(red_s)
-    vals = red_s[good]
-    sky = float(xp.median(vals)) if int(vals.size) else float("nan")
+        red_s = (raw_s - off_s) * inv_s
+    good = (bad_s == 0) & (raw_s < f32(sat_raw)) & xp.isfinite(red_s)
+    sky = _median(xp, red_s[good])
     bkg = None
     if background:
         bkg = trails.block_background(to_host(red_s), to_host(good), tuple(terms.shape), trails.BKG_BLOCK, step)

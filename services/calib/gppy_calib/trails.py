@@ -95,14 +95,23 @@ def block_background(sub: np.ndarray, good_sub: np.ndarray, shape: tuple[int, in
     b = block // step
     pad = np.full((by * b, bx * b), np.nan, np.float32)
     pad[:sub.shape[0], :sub.shape[1]] = sub
-    vals = np.sort(pad.reshape(by, b, bx, b).transpose(0, 2, 1, 3).reshape(by, bx, b * b), axis=2)
-    count = np.isfinite(vals).sum(axis=2)
-    lo = np.maximum(count - 1, 0) // 2
-    hi = np.maximum(count, 1) // 2
-    hi = np.where(count % 2 == 1, lo, hi)
-    med = 0.5 * (np.take_along_axis(vals, lo[..., None], axis=2)[..., 0]
-                 + np.take_along_axis(vals, hi[..., None], axis=2)[..., 0])
-    med = np.where(count > 0, med, np.nan)
+    vals = pad.reshape(by, b, bx, b).transpose(0, 2, 1, 3).reshape(by * bx, b * b)
+    count = np.isfinite(vals).sum(axis=1)
+    med = np.full(by * bx, np.nan, np.float32)
+    n = b * b
+    full = count == n
+    if full.any():                     # the usual block: a partition finds its two middle values
+        part = np.partition(vals[full], [(n - 1) // 2, n // 2], axis=1)
+        med[full] = 0.5 * (part[:, (n - 1) // 2] + part[:, n // 2])
+    some = ~full & (count > 0)
+    if some.any():                     # blocks with masked pixels: sorted (NaN last)
+        srt = np.sort(vals[some], axis=1)
+        cnt = count[some]
+        lo = (cnt - 1) // 2
+        hi = np.where(cnt % 2 == 1, lo, cnt // 2)
+        rows = np.arange(srt.shape[0])
+        med[some] = 0.5 * (srt[rows, lo] + srt[rows, hi])
+    med = med.reshape(by, bx)
     fill = float(np.nanmedian(med)) if np.isfinite(med).any() else 0.0
     med = np.where(np.isfinite(med), med, fill).astype(np.float32)
     return ndimage.median_filter(med, size=3, mode="nearest")

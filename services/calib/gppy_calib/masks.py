@@ -144,8 +144,9 @@ def cosmic_ray_candidates(xp: ModuleType, image, var, inmask, sky: float, gain: 
 
     L.A.Cosmic's statistic on a 2x sub-sampled Laplacian reduces, per pixel, to
     ``S = (I - mean4) / N`` (``mean4``: the 4 nearest neighbours, ``N``: the noise); it flags
-    ``S - median5(S) > sigclip``. A candidate has ``S > threshold`` (a little below
-    ``sigclip``), with ``N^2 = 1.25 (var + max(I - sky, 0) / gain)``, and is sharp:
+    ``S - median5(S) > sigclip``. A candidate has ``S > threshold`` with ``N`` the noise of
+    ``I - mean4`` including the pixel's own Poisson noise, ``N^2 = 1.25 (var + max(I - sky, 0)
+    / gain)`` (see :data:`CR_PRESCREEN` for the value), and is sharp:
     ``I - mean4 > sharpness * (I - ring3)``, ``ring3`` being the mean of the 4 pixels 3 px
     away along the axes. A cosmic-ray pixel (even inside a track, or on a star's wing) has a
     ratio of 0.5-1; the core of a star of FWHM >= 2.6 px less than 0.35.

@@ -535,7 +535,7 @@ class NightCalibrator:
             steps_cpu[name] = steps_cpu.get(name, 0.0) + cpu - clock[1]
             clock[:] = [now, cpu]
 
-        raw = RawImage(info.path, info.header)
+        raw = RawImage(info.path)
         b, be, bh = self.load(job.bias.path)
         d, _, _ = self.load(job.dark.path)
         fl, _, _ = self.load(job.flat.path)

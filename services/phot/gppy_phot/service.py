@@ -61,6 +61,8 @@ def transient_params(settings) -> TransientParams:
     leaves ~35 noise peaks per 10200 x 6800 difference and S/N >= 5.5 about 2, at the price of
     completeness at S/N 5 (~50 % -> ~30 %)."""
     return TransientParams(snr_min=settings.phot_snr_min, rb_min=settings.phot_rb_min,
+                           snr_min_negative=max(float(getattr(settings, "phot_snr_min_negative", 7.0)),
+                                                settings.phot_snr_min),
                            detect_significance=settings.phot_detect_sigma)
 
 

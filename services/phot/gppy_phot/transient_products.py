@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: Largest fraction of a detection's PSF information (sum P^2) on masked pixels (flag_masked).
 MAX_MASKED_PSF_FRACTION = 0.3
+#: Detections within this many FWHM of a saturated pixel are flagged (flag_masked).
+SAT_RADIUS_FWHM = 1.5
 #: Value given to masked pixels of the noise image handed to Source Extractor (ignored there).
 BAD_RMS = 1e30
 
@@ -336,14 +338,14 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
                                                     info.beta, psf_scale)
     # v1 rules 11 and 13 (masked or null pixels near the detection): a detection is lost to the
     # mask when much of its PSF lies on masked or null pixels, or when a saturated pixel (a star's
-    # core, whose residuals no mask growth contains) is near; a single masked pixel (a cosmic ray
+    # core, whose residuals no mask growth contains) is within 1.5 FWHM; a single masked pixel (a cosmic ray
     # or bad column of the stack) beside a source does not make it bogus
     zero_or_bad = bad | (diff == 0)
     masked_frac = transients.masked_psf_fraction(zero_or_bad, x, y, info.peeing, info.beta)
     masked = masked_frac > MAX_MASKED_PSF_FRACTION
     if mask is not None and n:
         saturated = (mask & int(MaskBit.SATURATED | MaskBit.NONFINITE)) != 0
-        masked |= transients.any_in_radius(saturated, x, y, max(5.0, info.peeing))
+        masked |= transients.any_in_radius(saturated, x, y, max(5.0, SAT_RADIUS_FWHM * info.peeing))
     if ref_footprint is not None and n:
         rw, (rny, rnx) = ref_footprint
         rx, ry = rw.all_world2pix(np.asarray(det["ALPHA_J2000"]), np.asarray(det["DELTA_J2000"]), 0)
@@ -385,7 +387,8 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
     meas = {"x": x, "y": y, "sign": sign, "snr_psf": snr_psf, "ELLIPTICITY": np.asarray(det["ELLIPTICITY"], float),
             "FWHM_IMAGE": fwhm_det, "FLAGS": np.asarray(det["FLAGS"]),
             "BACKGROUND": np.asarray(det["BACKGROUND"], float), "sigma_local": local_sig, "conc": conc,
-            "conc_err": conc_err, "dipole_frac": dipole, "lobe_ratio": lobe_ratio, "lobe_snr": lobe_snr, "star_other": star_other, "pm_star": pm_star, "masked": masked, "in_footprint": in_fp,
+            "conc_err": conc_err, "dipole_frac": dipole, "lobe_ratio": lobe_ratio, "lobe_snr": lobe_snr, "star_other": star_other, "pm_star": pm_star,
+            "peak_only": detector == "peak", "masked": masked, "in_footprint": in_fp,
             "ref_min_sig": ref_min}
     # the 10" aperture of a detection beside a star holds the star's residual: no
     # concentration test there
@@ -465,7 +468,8 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
         out[name] = f
     for j, fname in enumerate(realbogus.FEATURES):
         out[f"rb_{fname}"] = feats[:, j] if n else np.zeros(0)
-    out.meta.update({"filter": info.filt, "seeing": info.seeing, "snr_min": tp.snr_min, "rb_min": tp.rb_min,
+    out.meta.update({"filter": info.filt, "seeing": info.seeing, "snr_min": tp.snr_min,
+                     "snr_min_negative": tp.snr_min_negative, "rb_min": tp.rb_min,
                      "psf_noise_scale": round(psf_scale, 4), "aperture_noise_scale": round(ap_scale, 4),
                      "residual_level": round(level, 4), "wing_residual_level": round(wing, 4),
                      "psf_fwhm_px": round(info.peeing, 3),

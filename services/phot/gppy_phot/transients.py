@@ -32,7 +32,8 @@ FLAG_DOC = {
     "flag_inv_diff": "1: a detection of the opposite sign within SEEING (dipole / negative counterpart)",
     "flag_inv_ref": "2: a negative feature in the convolved reference within SEEING (> 5 sigma deep)",
     "flag_edge": "3: within the border margin (outside v1's 99 % box, and >= 2 FWHM from the edge)",
-    "flag_faint": "4: PSF-weighted S/N below snr_min (v1: fainter than the 5-sigma depth UL5_1)",
+    "flag_faint": "4: PSF-weighted S/N below snr_min (negative detections: snr_min_negative; matched-filter "
+                  "peaks without a Source Extractor shape: 1.5 snr_min) (v1: fainter than the 5-sigma depth UL5_1)",
     "flag_ellip": "5: ELLIPTICITY / ELLIP > 5 and ELLIPTICITY > 0.3 + 2.5 / S/N",
     "flag_sexflags": "6: Source Extractor FLAGS > 4",
     "flag_seeing": "7: FWHM / SEEING > 3 (1 + 2.5 / S/N) or < 0.5",
@@ -42,7 +43,7 @@ FLAG_DOC = {
     "flag_dipole": "10: > 30 % of the pixels within +-PEEING beyond 1 sigma of the opposite sign, or a lobe of "
                    "the opposite sign within 1.5 FWHM at least half as strong as the detection and beyond 3 sigma",
     "flag_masked": "11, 13: more than 30 % of the PSF information (sum P^2 within 2 FWHM) on masked or null "
-                   "pixels, or a saturated pixel within max(5 px, PEEING)",
+                   "pixels, or a saturated pixel within max(5 px, 1.5 PEEING)",
     "flag_footprint": "12: outside the reference image's footprint",
     "flag_pm_star": "(v1 flag 0's neighbour) at a catalogue star that moved by >= 0.1\" between the reference's "
                     "epoch and the science's (its proper motion leaves a dipole): within 0.6 FWHM (>= 1\") of "
@@ -62,6 +63,9 @@ class TransientParams:
 
     detect_significance: float = 3.5
     snr_min: float = 5.0
+    #: Negative detections (fading sources) need more: the negative halos and lobes that the
+    #: PSF matching leaves beside bright stars outnumber real fading sources near the limit.
+    snr_min_negative: float = 7.0
     rb_min: float = 0.5
     edge_fraction: float = 0.005
     moving_min_arcsec: float = 1.0
@@ -412,7 +416,10 @@ def vetting_flags(cat: dict[str, np.ndarray], *, seeing_arcsec: float, peeing_px
     f["flag_inv_ref"] = (cat["sign"] > 0) & (cat["ref_min_sig"] < -5.0)
     f["flag_edge"] = edge_flag(cat["x"], cat["y"], nx, ny, params.edge_fraction, 2 * peeing_px)
     with np.errstate(invalid="ignore", divide="ignore"):
-        f["flag_faint"] = ~(cat["snr_psf"] >= params.snr_min)
+        smin = np.where(np.asarray(cat["sign"]) < 0, params.snr_min_negative, params.snr_min)
+        if "peak_only" in cat:        # no shape measured: the shape vetting cannot apply
+            smin = np.where(np.asarray(cat["peak_only"], bool), np.maximum(smin, 1.5 * params.snr_min), smin)
+        f["flag_faint"] = ~(cat["snr_psf"] >= smin)
         el = np.asarray(cat["ELLIPTICITY"], float)
         snr = np.abs(np.asarray(cat["snr_psf"], float))
         noise_allow = 2.5 / np.where(snr > 0, snr, np.inf)          # shape noise of faint sources

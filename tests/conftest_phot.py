@@ -410,3 +410,42 @@ def evaluate_difference(entry: dict, truth_dir: Path, match_arcsec: float | None
     return {"rows": rows, "false": false, "cat": cat, "area_px": int(np.sum(mask == 0)), "scale": scale,
             "fwhm_px": fwhm_px, "shape": diff.shape, "subconv": str(dh.get("SUBCONV", "")),
             "match_arcsec": match_arcsec}
+
+
+def measure_nights(root: Path, seeds: list[int], n_transients: int = 16) -> dict:
+    """Pooled transient figures of simulated nights (:func:`run_sim_night` then
+    :func:`evaluate_difference`): recall at S/N >= 10 and 5 <= S/N < 10 (static and near-bright
+    transients), false candidates (and per full-size 10200 x 6800 stack, by unmasked area),
+    fading and moving objects found / labelled, failed subtractions."""
+    out = {"hi": [0, 0], "mid": [0, 0], "false": 0, "area": 0, "failed": 0, "fading": [0, 0, 0],
+           "moving": [0, 0, 0], "differences": 0}
+    for seed in seeds:
+        pj, runs = run_sim_night(Path(root) / f"seed{seed}", seed, n_transients=n_transients)
+        for e in runs:
+            if e["event"] is None:
+                out["failed"] += 1
+                continue
+            ev = evaluate_difference(e, pj.parent / "truth")
+            out["differences"] += 1
+            out["false"] += len(ev["false"])
+            out["area"] += ev["area_px"]
+            for r in ev["rows"]:
+                if r["kind"] in ("static", "near_bright"):
+                    key = "hi" if r["snr"] >= 10 else "mid" if r["snr"] >= 5 else None
+                    if key:
+                        out[key][0] += int(r["found"])
+                        out[key][1] += 1
+                elif r["snr"] >= 10:
+                    k = out[r["kind"]]
+                    k[0] += 1
+                    k[1] += int(r["found"])
+                    k[2] += int(r["found"] and r["label"] == r["kind"])
+    out["false_per_full_stack"] = out["false"] * 10200 * 6800 / max(out["area"], 1)
+    return out
+
+
+if __name__ == "__main__":     # python tests/conftest_phot.py OUTDIR SEED [SEED ...]
+    import json
+    import sys
+
+    print(json.dumps(measure_nights(Path(sys.argv[1]), [int(s) for s in sys.argv[2:]]), indent=1))

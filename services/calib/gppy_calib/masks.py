@@ -8,7 +8,8 @@ Bits (:class:`gppy.masks.MaskBit`, uint16, OR-ed) set by the calibration:
   above the master's median by more than ``HOT_RATE_E`` e-/s *and* by more than
   ``HOT_NSIGMA`` times the master dark's robust scatter); or when the master bias's error
   image exceeds ``NOISY_FACTOR`` times its median (noisy pixels and columns; only when the
-  bias combined at least ``NOISY_MIN_FRAMES`` frames, so that the error is meaningful).
+  bias combined at least ``NOISY_MIN_FRAMES`` frames, so that the error is meaningful); and
+  every pixel of a column or row of which more than ``LINE_BAD_FRACTION`` is bad.
 * ``SATURATED`` (2): the raw value is at or above the saturation level (raw ADU).
 * ``COSMIC_RAY`` (4): detected by astroscrappy (L.A.Cosmic) on the reduced frame.
 * ``TRAIL`` (8): satellite / aircraft trails (:mod:`gppy_calib.trails`).
@@ -39,6 +40,9 @@ HOT_RATE_E = 0.5          # e-/s above the median dark current
 HOT_NSIGMA = 5.0
 NOISY_FACTOR = 3.0
 NOISY_MIN_FRAMES = 5
+#: A column or row with more than this fraction of bad pixels is a defective line: all of it
+#: is flagged (a noisy column's pixels pass the per-pixel noise test now and then).
+LINE_BAD_FRACTION = 0.25
 
 #: astroscrappy parameters: v1's unused calib.cr_removal (sigclip 4.5, sigfrac 0.3, objlim 5) with
 #: 1 iteration instead of 4. On the simulated night of tests/test_calib_sim.py a second
@@ -115,6 +119,9 @@ def master_bad_pixels(xp: ModuleType, bias, bias_err, dark, dark_err, dark_expti
                 bmed = float(xp.median(finite))
                 if bmed > 0:
                     bad |= berr > f32(NOISY_FACTOR * bmed)
+    ny, nx = bad.shape
+    bad |= (bad.sum(axis=0, dtype=xp.int32) > LINE_BAD_FRACTION * ny)[None, :]
+    bad |= (bad.sum(axis=1, dtype=xp.int32) > LINE_BAD_FRACTION * nx)[:, None]
     return xp.where(bad, xp.uint16(int(MaskBit.BAD)), xp.uint16(0)).astype(xp.uint16)
 
 

@@ -138,6 +138,7 @@ class Settings(BaseSettings):
     # photometry
     match_radius_arcsec: float = 1.0
     phot_snr_min: float = 5.0            # PSF S/N of a transient candidate
+    phot_snr_min_negative: float = 7.0   # PSF S/N of a negative (fading) candidate
     phot_rb_min: float = 0.5             # real/bogus threshold
     phot_detect_sigma: float = 3.5       # Source Extractor detection significance on differences
     # watcher

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.run [--size full|WxH] [--repeat N] [--only stage,...]
                                   [--out bench/RESULTS.md] [--data bench/data] [--profile DIR]
 
-Stages (``--only``): calib, astrometry, stack, subtract, phot, night (see :mod:`bench.stages`):
+Stages (``--only``): calib, astrometry, stack, subtract, phot, night, compress (see :mod:`bench.stages`):
 
 * calib: master of 9 bias frames vs ``ccdproc.combine`` (sigma-clipped median) on the same
   files; reduction of one frame (raw read to products written) vs a plain astropy/NumPy
@@ -17,6 +17,10 @@ Stages (``--only``): calib, astrometry, stack, subtract, phot, night (see :mod:`
 * night: the whole chain for real on a short simulated night (`gppy up`'s local stack: NATS and
   the six services as processes), wall time from night.ready to night.done and CPU seconds per
   service.
+* compress: write/read time and size of a reduced frame (image, weight, mask) and of a stack
+  as plain FITS and tile-compressed (RICE_1 lossless / q16 lossy, GZIP_2 lossless), the
+  lossy codec's effect on noise and aperture fluxes, and whether Source Extractor and SWarp
+  read tile-compressed files (:mod:`bench.bench_compress`).
 
 Each stage runs in its own Python process (so its peak memory is its own), the data are made
 once by the stage's bench generators and cached under ``--data/<W>x<H>/`` (git-ignored), each
@@ -42,7 +46,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ["sim", "calib", "astrometry", "stack", "subtract", "phot", "night"]
+ORDER = ["sim", "calib", "astrometry", "stack", "subtract", "phot", "night", "compress"]
 FULL = (9576, 6388)
 FRAMES_PER_VISIT = 3
 NIGHT_FRAMES = 300

@@ -681,7 +681,12 @@ def _run_sim(size, repeat, workdir: Path, opts: dict) -> dict:
     return run_sim(size, repeat, workdir, opts)
 
 
+def _run_compress(size, repeat, workdir: Path, opts: dict) -> dict:
+    from bench.bench_compress import run_compress
+    return run_compress(size, repeat, workdir, opts)
+
+
 STAGES: dict[str, Callable[..., dict]] = {
     "calib": run_calib, "astrometry": run_astrometry, "stack": run_stack, "subtract": run_subtract,
-    "phot": run_phot, "night": run_night, "sim": _run_sim,
+    "phot": run_phot, "night": run_night, "sim": _run_sim, "compress": _run_compress,
 }

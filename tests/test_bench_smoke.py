@@ -19,7 +19,7 @@ import pytest
 from gppy import tools
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["sim", "calib", "astrometry", "stack", "subtract", "phot", "night"]
+STAGES = ["sim", "calib", "astrometry", "stack", "subtract", "phot", "night", "compress"]
 
 
 @pytest.fixture(scope="module")

@@ -189,6 +189,10 @@ class StageFailed(Event):
     item_path: str = ""
     reason: str
 
+    def paths(self) -> list[str]:
+        """``item_path`` when it is a path (it may name a visit, e.g. ``T0001_r_20250116_010000``)."""
+        return [self.item_path] if "/" in self.item_path else []
+
     def subject(self, prefix: str = "gppy") -> str:
         """``<prefix>.<lane>.stage.failed.<stage>``: the stage is in the subject, so NATS
         permissions let a stage report only its own failures."""

@@ -156,7 +156,9 @@ class StageService:
     async def publish(self, event: Event) -> None:
         """Publish ``event``, carrying the run of the message being handled."""
         run = run_var.get()
-        if run and not event.run:
+        # a night-ready starts a run of its own (its attempt): it never inherits the run of the
+        # message being handled (the watcher retries a night from a failure's handler)
+        if run and not event.run and event.kind != "night.ready":
             event = event.model_copy(update={"run": run})
         await bus.publish(self.js, event, self.settings.subject_prefix)
 

@@ -170,10 +170,8 @@ class WatcherService(StageService):
 
     # ---------------------------------------------------------------- queueing
     def _ready_event(self, rec: NightRecord) -> NightReady:
-        # ``run`` set here: published from a handler, the runtime would stamp the handled
-        # message's run on it, and the echo would no longer match ``ready_msg_id``
         return NightReady(night_id=rec.night_id, unit=rec.unit, lane=rec.lane, night_dir=rec.night_dir,
-                          attempt=rec.attempt, targets=rec.targets, filters=rec.filters, run=rec.attempt)
+                          attempt=rec.attempt, targets=rec.targets, filters=rec.filters)
 
     def _msg_id(self, rec: NightRecord) -> str:
         return self._ready_event(rec).msg_id()

@@ -177,7 +177,7 @@ def test_each_bad_input_has_its_outcome(bad_night, case):
         for item in items:
             f = _failure(main, item, reason)
             assert f is not None, (item, main["failures"])
-            assert f["stage"] == exp["stage"] or f["reason"].startswith("calibration failed"), f
+            assert f["stage"] == exp["stage"], f  # a calib failure passed on by astrometry is calib's
             assert not _final_single(Path(item))
     elif outcome == "processed":
         obj = made[0]

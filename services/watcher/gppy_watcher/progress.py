@@ -37,6 +37,8 @@ STAGE_OUTPUTS = [
     ("phot_difference", ["phot.done:difference"]),
 ]
 
+#: Prefix of the reason astrometry gives for a frame that calibration could not reduce.
+CALIB_FAILED = "calibration failed: "
 _PATH = re.compile(r"(/[^\s:'\",]+)+")
 _NUM = re.compile(r"\d+(\.\d+)?")
 
@@ -212,7 +214,10 @@ class NightProgress:
                 self.frames[key]["cal"] = True
                 self.frames[key]["sol"] = ev.ok
                 if not ev.ok:
-                    new.append(self._fail("astrometry", key, ev.reason or "no astrometric solution"))
+                    reason = ev.reason or "no astrometric solution"
+                    # a frame calibration could not reduce is passed on by astrometry: calib's failure
+                    stage = "calib" if reason.startswith(CALIB_FAILED) else "astrometry"
+                    new.append(self._fail(stage, key, reason.removeprefix(CALIB_FAILED)))
         elif kind == "phot.done":
             self._stamp(f"phot.done:{ev.image_kind}", ev.created)
             for p in (ev.catalogue_path, ev.candidates_path):

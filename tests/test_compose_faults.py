@@ -74,12 +74,12 @@ STAGES = ["watcher", "calib", "astrometry", "phot", "stack", "subtract"]
 #: When each container is killed: seconds into a job it holds, or (a callable) when it holds
 #: one and the callable says so. A stage's 1st, 3rd... kill is a ``docker kill`` followed by
 #: ``docker compose up -d``; its 2nd, 4th... a crash that the restart policy recovers from.
-#: ``nats`` is restarted while phot holds a message, once astrometry has been killed.
-#: Jobs here last 1.5-3 s (astrometry, phot) to ~5 s (subtract) on a busy machine; a second kill
+#: ``nats`` is restarted while phot holds a message, once calib has been killed.
+#: Jobs here last 0.3-3 s (astrometry, phot; the shorter on an idle machine) to ~5 s (subtract); a second kill
 #: that finds no job long enough before the night ends is reported as missed (the first kills
 #: come early in a job and are never missed).
-KILLS = {"calib": ["some frames announced"], "astrometry": [0.5, 0.8], "phot": [0.5, 1.5],
-         "stack": [0.3], "subtract": [0.5, 1.0], "watcher": [0.0], "nats": ["after astrometry's first kill"]}
+KILLS = {"calib": ["some frames announced"], "astrometry": [0.0, 0.3], "phot": [0.5, 1.5],
+         "stack": [0.3], "subtract": [0.5, 1.0], "watcher": [0.0], "nats": ["after calib's kill"]}
 NATS_DOWN_S = 3.0
 NIGHT_TIMEOUT_S = float(os.environ.get("GPPY_TEST_NIGHT_TIMEOUT", "900"))
 
@@ -216,9 +216,10 @@ class ComposePipeline(Pipeline):
         else:
             os.kill(int(before["Pid"]), signal.SIGKILL)  # its init: everything in the container dies
 
-            def back() -> bool:
-                info = self.stack.inspect(name)
-                return info["RestartCount"] > restarts and info["State"]["Running"]
+            def back() -> bool:  # restarted, not in the policy's back-off ("restarting") any more
+                st = self.stack.inspect(name)
+                return (st["RestartCount"] > restarts and st["State"]["Running"] and not st["State"]["Restarting"]
+                        and st["State"]["StartedAt"] != before["StartedAt"])
 
             wait_for(back, 60, f"the restart policy to restart {name}", interval=0.1)
             how = "crash (SIGKILL of the container's init from the host); restart policy"
@@ -295,11 +296,11 @@ def compose_night(tmp_path_factory):
             """after some of its frames were announced"""
             return len(_singles(night.processed)) >= 1
 
-        def astrometry_killed():
-            """while phot holds a message, after astrometry's first kill"""
-            return any(f.target == "astrometry" for f in pipe.faults)
+        def calib_killed():
+            """while phot holds a message, after calib's kill"""
+            return any(f.target == "calib" for f in pipe.faults)
 
-        special = {"some frames announced": announced, "after astrometry's first kill": astrometry_killed}
+        special = {"some frames announced": announced, "after calib's kill": calib_killed}
         delays = {s: [special.get(d, d) if isinstance(d, str) else d for d in v] for s, v in KILLS.items()}
         missed = pipe.kill_while_busy(delays, timeout=NIGHT_TIMEOUT_S)
         rec = pipe.wait_terminal(timeout=NIGHT_TIMEOUT_S)

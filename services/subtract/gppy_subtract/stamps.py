@@ -308,6 +308,28 @@ def stamp_bad(tgt_mask, src_mask, ys, xs, half_stamp: int, half_kernel: int, xp)
     return tb | (box > 0)
 
 
+def _inside(stars: Stars, shape, ext: int) -> np.ndarray:
+    """Stars whose footprint of half-width ``ext`` lies inside an image of ``shape``."""
+    h, w = shape
+    return (stars.y >= ext) & (stars.x >= ext) & (stars.y < h - ext) & (stars.x < w - ext)
+
+
+def _drop_crowded(stars: Stars, ok: np.ndarray, half_stamp: int, isolation: float) -> np.ndarray:
+    """``ok`` without the stars that have a neighbour brighter than ``isolation`` times their
+    flux (in either image) within ``half_stamp`` pixels."""
+    from scipy.spatial import cKDTree
+
+    pts = np.column_stack([stars.y, stars.x]).astype(float)
+    for i, nbrs in enumerate(cKDTree(pts).query_ball_point(pts, r=float(half_stamp))):
+        if not ok[i] or len(nbrs) <= 1:
+            continue
+        nb = np.array([j for j in nbrs if j != i])
+        if (np.any(stars.flux_s[nb] > isolation * stars.flux_s[i])
+                or np.any(stars.flux_r[nb] > isolation * stars.flux_r[i])):
+            ok[i] = False
+    return ok
+
+
 def usable_with_masks(stars: Stars, tgt_mask, src_mask, half_stamp: int, half_kernel: int, shape, xp,
                       core_radius: float, max_core_fraction: float = 0.05, max_fraction: float = 0.3,
                       isolation: float = 0.3) -> np.ndarray:
@@ -323,13 +345,10 @@ def usable_with_masks(stars: Stars, tgt_mask, src_mask, half_stamp: int, half_ke
     -------
     host bool array (n,)
     """
-    n = len(stars)
-    ok = np.zeros(n, bool)
-    if n == 0:
-        return ok
-    h, w = shape
+    if len(stars) == 0:
+        return np.zeros(0, bool)
     ext = half_stamp + half_kernel
-    ok = (stars.y >= ext) & (stars.x >= ext) & (stars.y < h - ext) & (stars.x < w - ext)
+    ok = _inside(stars, shape, ext)
     idx = np.nonzero(ok)[0]
     off = np.arange(-half_stamp, half_stamp + 1)
     core = xp.asarray(np.hypot(off[:, None], off[None, :]) <= core_radius)
@@ -341,18 +360,7 @@ def usable_with_masks(stars: Stars, tgt_mask, src_mask, half_stamp: int, half_ke
         fcore = to_host((bad & core[None]).reshape(sel.size, -1).sum(axis=1)) / ncore
         fall = to_host(bad.reshape(sel.size, -1).sum(axis=1)) / npix
         ok[sel] = (fcore <= max_core_fraction) & (fall <= max_fraction)
-    from scipy.spatial import cKDTree
-
-    pts = np.column_stack([stars.y, stars.x]).astype(float)
-    tree = cKDTree(pts)
-    for i, nbrs in enumerate(tree.query_ball_point(pts, r=float(half_stamp))):
-        if not ok[i] or len(nbrs) <= 1:
-            continue
-        nb = np.array([j for j in nbrs if j != i])
-        if (np.any(stars.flux_s[nb] > isolation * stars.flux_s[i])
-                or np.any(stars.flux_r[nb] > isolation * stars.flux_r[i])):
-            ok[i] = False
-    return ok
+    return _drop_crowded(stars, ok, half_stamp, isolation)
 
 
 def usable(stars: Stars, sci_mask, ref_mask, half_stamp: int, half_kernel: int, shape, xp,
@@ -367,13 +375,10 @@ def usable(stars: Stars, sci_mask, ref_mask, half_stamp: int, half_kernel: int, 
     -------
     host bool array (n,)
     """
-    n = len(stars)
-    ok = np.zeros(n, bool)
-    if n == 0:
-        return ok
-    h, w = shape
+    if len(stars) == 0:
+        return np.zeros(0, bool)
     ext = half_stamp + half_kernel
-    ok = (stars.y >= ext) & (stars.x >= ext) & (stars.y < h - ext) & (stars.x < w - ext)
+    ok = _inside(stars, shape, ext)
     idx = np.nonzero(ok)[0]
     if idx.size:
         any_bad = xp.zeros(idx.size, dtype=bool)
@@ -383,18 +388,7 @@ def usable(stars: Stars, sci_mask, ref_mask, half_stamp: int, half_kernel: int, 
                 st = gather_stamps(m, stars.y[sel], stars.x[sel], ext, xp)
                 any_bad[chunk:chunk + sel.size] |= (st != 0).reshape(sel.size, -1).any(axis=1)
         ok[idx[to_host(any_bad)]] = False
-    from scipy.spatial import cKDTree
-
-    pts = np.column_stack([stars.y, stars.x]).astype(float)
-    tree = cKDTree(pts)
-    for i, nbrs in enumerate(tree.query_ball_point(pts, r=float(half_stamp))):
-        if not ok[i] or len(nbrs) <= 1:
-            continue
-        nb = np.array([j for j in nbrs if j != i])
-        if (np.any(stars.flux_s[nb] > isolation * stars.flux_s[i])
-                or np.any(stars.flux_r[nb] > isolation * stars.flux_r[i])):
-            ok[i] = False
-    return ok
+    return _drop_crowded(stars, ok, half_stamp, isolation)
 
 
 def pick_stamps(stars: Stars, bounds: tuple[int, int, int, int], grid: tuple[int, int] = (10, 10),

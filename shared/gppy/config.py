@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     subtract_nregions: tuple[int, int] = (3, 2)
     subtract_convolve: Literal["auto", "reference", "science"] = "auto"  # which image is convolved
     subtract_singles: bool = False
+    #: Move the catalogue stars that moved between the reference's and the science's epochs
+    #: (proper motion) in the reference before subtracting.
+    subtract_move_stars: bool = True
     # photometry
     match_radius_arcsec: float = 1.0
     phot_snr_min: float = 5.0            # PSF S/N of a transient candidate

@@ -13,6 +13,7 @@ SCAMP 2.10 does not apply the proper motions of a local reference file, so
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -290,3 +291,48 @@ def write_scamp_reference(table: Table, obstime: Time, path: str | Path,
     with atomic_path(path) as tmp:
         hdul.writeto(tmp, overwrite=True)
     return Path(path)
+
+
+def image_epoch(header: fits.Header) -> Time | None:
+    """Epoch of an image (a reference survey's stack included): ``DATE-OBS``, ``MJD-OBS`` or
+    ``MJD``, else ``EPOCH`` (a Julian year, when it is not just the equinox 2000); None when
+    unknown."""
+    for key, fmt in (("DATE-OBS", "isot"), ("MJD-OBS", "mjd"), ("MJD", "mjd")):
+        if key in header:
+            try:
+                return Time(header[key], format=fmt, scale="utc")
+            except (ValueError, TypeError):
+                continue
+    try:
+        ep = float(header.get("EPOCH", "nan"))
+    except (TypeError, ValueError):
+        return None
+    if np.isfinite(ep) and 1950 < ep < 2200 and ep != 2000.0:
+        return Time(ep, format="jyear")
+    return None
+
+
+def catalogue_motion(path_refcat: str | Path | None, obj: str, t_science: Time | None, t_reference: Time | None,
+                     filt: str | None = None) -> tuple[np.ndarray, ...] | None:
+    """The field's catalogue stars at the science's and at the reference's epochs:
+    ``(ra, dec, ra_ref, dec_ref)`` in deg, plus (with ``filt``) their ``mag_<filt>`` (the G
+    magnitude where that is missing), or None (no catalogue, an unreadable one, or an epoch
+    unknown: the callers treat the motion as a help, never a requirement)."""
+    if path_refcat is None or t_science is None or t_reference is None:
+        return None
+    path = gaiaxp_path(path_refcat, obj)
+    if not Path(path).exists():
+        return None
+    try:
+        cat = load_gaiaxp(path)
+    except Exception as exc:
+        logging.getLogger(__name__).warning("cannot read %s for the stars' motion: %s", path, exc)
+        return None
+    ra, dec = propagate_to_epoch(cat, t_science)
+    ra_r, dec_r = propagate_to_epoch(cat, t_reference)
+    if filt is None:
+        return ra, dec, ra_r, dec_r
+    g = _as_float(cat["phot_g_mean_mag"])
+    col = f"mag_{filt}"
+    mag = _as_float(cat[col]) if col in cat.colnames else g
+    return ra, dec, ra_r, dec_r, np.where(np.isfinite(mag), mag, g)

@@ -34,6 +34,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 from gppy.fitsio import BadInputError, atomic_path, read_header, read_image, write_fits, write_text
 from gppy.masks import MaskBit
 from gppy.naming import ProductDirs, stem, weight_of
+from gppy.refcat import catalogue_motion, image_epoch
 from gppy_phot import catalog, cutouts, realbogus, regions, sextractor, transients, zeropoint
 from gppy_phot.apertures import SUFFIXES, ZP_KEYS, aperture_set
 from gppy_phot.photometry import PhotParams
@@ -595,45 +596,6 @@ def _write_cutouts(res: SearchResult, diff: np.ndarray, sci: np.ndarray | None, 
     return n
 
 
-def reference_epoch(header: fits.Header) -> Time | None:
-    """Epoch of a reference image: DATE-OBS, MJD-OBS or MJD, else EPOCH (a Julian year, when
-    it is not just the equinox 2000); None when unknown."""
-    for key, fmt in (("DATE-OBS", "isot"), ("MJD-OBS", "mjd"), ("MJD", "mjd")):
-        if key in header:
-            try:
-                return Time(header[key], format=fmt, scale="utc")
-            except (ValueError, TypeError):
-                continue
-    try:
-        ep = float(header.get("EPOCH", "nan"))
-    except (TypeError, ValueError):
-        return None
-    if np.isfinite(ep) and 1950 < ep < 2200 and ep != 2000.0:
-        return Time(ep, format="jyear")
-    return None
-
-
-def catalogue_motion(refcat_root: Path | None, obj: str, sci_time: Time | None,
-                     ref_time: Time | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-    """The Gaia-XP-like catalogue's stars at the science's and at the reference's epochs, or
-    None (no catalogue, or an epoch unknown)."""
-    if refcat_root is None or sci_time is None or ref_time is None:
-        return None
-    from gppy.refcat import gaiaxp_path, load_gaiaxp, propagate_to_epoch
-
-    path = gaiaxp_path(refcat_root, obj)
-    if not Path(path).exists():
-        return None
-    try:
-        cat = load_gaiaxp(path)
-    except Exception as exc:  # the flag is a help; a broken catalogue only costs it
-        log.warning("cannot read %s for moving stars: %s", path, exc)
-        return None
-    ra, dec = propagate_to_epoch(cat, sci_time)
-    ra_r, dec_r = propagate_to_epoch(cat, ref_time)
-    return ra, dec, ra_r, dec_r
-
-
 def difference_products(event, processed: Path, scratch_root: Path, params: PhotParams,
                         tparams: transients.TransientParams | None = None,
                         refcat_root: Path | None = None) -> dict:
@@ -669,7 +631,7 @@ def difference_products(event, processed: Path, scratch_root: Path, params: Phot
     ref_time = None
     if event.reference_path and Path(event.reference_path).exists():
         rh = read_header(event.reference_path)
-        ref_time = reference_epoch(rh)
+        ref_time = image_epoch(rh)
         try:
             ref_fp = (WCS(rh, naxis=2), (int(rh["NAXIS2"]), int(rh["NAXIS1"])))
         except Exception as exc:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernel import normalised_coords
+from .kernel import clamp_uv, normalised_coords
 
 
 def next_fast_len(n: int) -> int:
@@ -68,7 +68,7 @@ def _embed(kernels, size: int, xp):
 
 
 def convolve_polynomial(image, bounds: tuple[int, int, int, int], term_kernels, terms, xp, fft, *,
-                        tile: int = 256, batch: int = 8, poly_bounds=None):
+                        tile: int = 256, batch: int = 8, poly_bounds=None, uv_box=None):
     """Convolve a region of ``image`` with a kernel that varies as a polynomial.
 
     Parameters
@@ -87,6 +87,8 @@ def convolve_polynomial(image, bounds: tuple[int, int, int, int], term_kernels, 
         Tiles per FFT batch (memory: ~ 4 x batch x tile^2 x 4 bytes).
     poly_bounds : tuple, optional
         Region the polynomial is normalised to (default ``bounds``).
+    uv_box : (u_min, u_max, v_min, v_max), optional
+        Normalised coordinates are clipped to this box (:attr:`KernelSolution.uv_box`).
 
     Returns
     -------
@@ -112,7 +114,7 @@ def convolve_polynomial(image, bounds: tuple[int, int, int, int], term_kernels, 
         ox = np.array([c[1] for c in chunk], dtype=float)
         xs = x0 + ox[:, None] + np.arange(step)[None, :]
         ys = y0 + oy[:, None] + np.arange(step)[None, :]
-        u, v = normalised_coords(xs, ys, pb)
+        u, v = clamp_uv(*normalised_coords(xs, ys, pb), uv_box)
         u = xp.asarray(u, dtype=xp.float32)
         v = xp.asarray(v, dtype=xp.float32)
         # Horner-like: sum_a u^a (sum_b v^b (I * K_ab)), one inverse FFT per term, in place

@@ -501,7 +501,7 @@ def _subtract(science: Plane, reference: Plane, xp, p: EngineParams) -> Subtract
             sol = reg.solution
             pb = sol.bounds
             c = convolve_polynomial(src.data, reg.bounds, sol.term_kernels(), sol.terms, xp, fft, tile=p.tile,
-                                    poly_bounds=pb)
+                                    poly_bounds=pb, uv_box=sol.uv_box)
             c += polynomial_image(sol.bg_coeffs, sol.bg_terms, reg.bounds, xp, poly_bounds=pb)
             conv_img[y0:y1, x0:x1] = c
             t = tgt.data[y0:y1, x0:x1]

@@ -207,6 +207,13 @@ def normalised_coords(x, y, bounds: tuple[int, int, int, int]):
     return (x - xc) / hx, (y - yc) / hy
 
 
+def clamp_uv(u, v, box: tuple[float, float, float, float] | None):
+    """Clip normalised coordinates to ``box = (u_min, u_max, v_min, v_max)`` (None: unchanged)."""
+    if box is None:
+        return u, v
+    return np.clip(u, box[0], box[1]), np.clip(v, box[2], box[3])
+
+
 def poly_values(u, v, terms: list[tuple[int, int]], xp=np):
     """Monomials ``u**a * v**b`` stacked on a new last axis (shape ``u.shape + (n_terms,)``)."""
     u = xp.asarray(u, dtype=xp.float64)
@@ -234,6 +241,11 @@ class KernelSolution:
         Background coefficients (target image units).
     bounds : (y0, y1, x0, x1)
         The region the polynomials are normalised to.
+    uv_box : (u_min, u_max, v_min, v_max), optional
+        The normalised coordinates the fit constrains (its stamps' centres). The kernel shape
+        is evaluated at the nearest point of this box: a quadratic in the coordinates,
+        extrapolated to a region's corners where no stamp was, can bend far from any real
+        PSF. None = no clamping.
     """
 
     basis: np.ndarray
@@ -243,6 +255,7 @@ class KernelSolution:
     bg_terms: list[tuple[int, int]]
     bg_coeffs: np.ndarray
     bounds: tuple[int, int, int, int]
+    uv_box: tuple[float, float, float, float] | None = None
     _term_kernels: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -261,9 +274,13 @@ class KernelSolution:
             self._term_kernels = kj
         return self._term_kernels
 
+    def clamp(self, u, v):
+        """``u, v`` moved to the nearest point of :attr:`uv_box` (unchanged without a box)."""
+        return clamp_uv(u, v, self.uv_box)
+
     def kernel_at(self, x: float, y: float) -> np.ndarray:
         """The kernel image at pixel (x, y) of the full image."""
-        u, v = normalised_coords(float(x), float(y), self.bounds)
+        u, v = self.clamp(*normalised_coords(float(x), float(y), self.bounds))
         p = np.array([u ** a * v ** b for a, b in self.terms])
         return np.tensordot(p, self.term_kernels(), axes=1)
 

@@ -86,7 +86,10 @@ def quality_cards(summary: dict) -> list[tuple[str, object, str]]:
             ("SUBKSUM", "kernel_sum", "kernel sum (median over regions)", float),
             ("SUBFWHMS", "fwhm_science", "[px] median stamp FWHM, science", float),
             ("SUBFWHMR", "fwhm_reference", "[px] median stamp FWHM, reference", float),
-            ("SUBFALLB", "n_fallback", "regions using the whole-image kernel", int)):
+            ("SUBFALLB", "n_fallback", "regions using the whole-image kernel", int),
+            ("SUBPMSTR", "pm_moved", "catalogue stars moved to the science epoch", int),
+            ("SUBPMSHF", "pm_max_shift", "[px] largest such shift", float),
+            ("SUBPMEPO", "pm_ref_epoch", "[yr] reference epoch the stars moved from", float)):
         value = summary.get(name)
         if value is None:
             continue

@@ -11,6 +11,9 @@ Consumes ``phot.done``. Acts on successful photometry of a stack (and of a singl
    cached as ``<cache>/<ref stem>.<key>.resamp{,.noise,.mask}.fits`` with
    ``<cache> = <ref_frame>/<FILT>/resampled`` (or ``<path_scratch>/ref_cache/<FILT>`` when the
    reference folder is read-only); the key covers the reference file and the science grid;
+   the catalogue stars that moved between the reference's epoch and the science's (proper
+   motion; a survey reference may be a decade older) are then moved in it
+   (:mod:`gppy_subtract.propermotion`; ``subtract_move_stars``, header keys ``SUBPM*``);
 4. runs the native engine (:mod:`gppy_subtract.engine`; array backend from ``gpu``), or
    HOTPANTS when ``subtract_engine`` is ``hotpants``/``auto`` and the binary is on PATH;
 5. writes ``transient/<stem>.subt.fits`` (difference, science header and quality keys),
@@ -25,7 +28,7 @@ accounting never waits for it. Products that exist, are newer than both inputs a
 same settings hash are reused (a redelivered message costs nothing).
 
 Settings: ``gpu``, ``subtract_engine`` (native | hotpants | auto), ``subtract_nregions``
-(v1 ``-nrx 3 -nry 2``), ``subtract_singles`` and, when the shared settings provide it,
+(v1 ``-nrx 3 -nry 2``), ``subtract_singles``, ``subtract_move_stars`` (default on) and, when the shared settings provide it,
 ``subtract_convolve`` (auto | reference | science; default auto).
 """
 
@@ -55,10 +58,11 @@ from gppy.naming import (
     weight_of,
 )
 from gppy.provenance import settings_hash, stamp
+from gppy.refcat import catalogue_motion, image_epoch
 from gppy.runtime import StageService, run_service
 from gppy.xp import backend_name, get_xp, to_host
 
-from . import products, reference
+from . import products, propermotion, reference
 from .engine import EngineError, EngineParams, Plane, subtract, to_host_result
 
 log = logging.getLogger(__name__)
@@ -218,6 +222,51 @@ def reference_on_grid(ref_path: Path, sci: Inputs, scratch_root: Path, filt: str
     return Inputs(img, data, var, mask, hdr), True
 
 
+#: Summary keys of the stars moved -> header keys carrying them from the reference planes.
+PM_KEYS = {"pm_moved": "SUBPMSTR", "pm_max_shift": "SUBPMSHF", "pm_ref_epoch": "SUBPMEPO"}
+
+
+def moved_summary(moved: propermotion.MovedStars, t_ref) -> dict:
+    return {"pm_moved": moved.n_moved, "pm_max_shift": round(moved.max_shift_px, 3),
+            "pm_ref_epoch": round(float(t_ref.jyear), 3)}
+
+
+def stars_to_science_epoch(ref: Inputs, ref_header: fits.Header, sci: Inputs, path_refcat: Path, filt: str
+                           ) -> Inputs:
+    """The reference (on the science grid) with the catalogue stars that moved between the two
+    epochs moved to their place at the science's (:mod:`.propermotion`); unchanged when an
+    epoch or the field's catalogue is unknown. The returned header holds what was done
+    (:data:`PM_KEYS`), for the products' headers."""
+    obj, _ = object_filter(sci.header, sci.path)
+    t_ref, t_sci = image_epoch(ref_header), image_epoch(sci.header)
+    motion = catalogue_motion(path_refcat, obj, t_sci, t_ref, filt=filt)
+    if motion is None:
+        log.info("%s: reference epoch or catalogue of %s unknown: stars not moved", sci.path.name, obj)
+        return ref
+    w_sci = _celestial_wcs(sci.header, sci.path)
+    ra, dec, ra_r, dec_r, mag = motion
+    ok = np.isfinite(ra) & np.isfinite(dec) & np.isfinite(ra_r) & np.isfinite(dec_r)
+    x_new, y_new = w_sci.all_world2pix(ra[ok], dec[ok], 0)
+    x_old, y_old = w_sci.all_world2pix(ra_r[ok], dec_r[ok], 0)
+    flux = 10.0 ** (-0.4 * (mag[ok] - 20.0))
+    valid = (ref.mask == 0) & np.isfinite(ref.data) if ref.mask is not None else np.isfinite(ref.data)
+    sample = ref.data[valid][:: max(1, int(valid.sum() // 500000))].astype(np.float64)
+    if sample.size < 100:
+        return ref
+    sky = float(np.median(sample))
+    sigma = float(1.4826 * np.median(np.abs(sample - sky)))
+    scale = float(np.sqrt(abs(np.linalg.det(w_sci.pixel_scale_matrix))) * 3600.0)
+    seeing = max(float(ref_header.get("SEEING", 0) or 0), float(sci.header.get("SEEING", 0) or 0), 2.0)
+    data, mask, moved = propermotion.move_stars(ref.data, ref.mask, x_old, y_old, x_new, y_new, flux, sky=sky,
+                                                sigma=sigma, fwhm_px=seeing / scale)
+    hdr = ref.header.copy()
+    for key, value in moved_summary(moved, t_ref).items():
+        hdr[PM_KEYS[key]] = value
+    log.info("%s: %d stars moved by up to %.2f px from the reference epoch %.2f", sci.path.name, moved.n_moved,
+             moved.max_shift_px, t_ref.jyear)
+    return Inputs(ref.path, data, ref.var, mask if mask is not None else ref.mask, hdr)
+
+
 def engine_params(settings) -> EngineParams:
     """Engine settings; masked pixels of the convolved image spoil the difference only where
     the light they may have held matters (``mask_growth="light"``; the settings may say
@@ -262,6 +311,7 @@ class SubtractService(StageService):
     def _settings_dict(self, engine: str) -> dict:
         d = dataclasses.asdict(engine_params(self.settings))
         d["engine"] = engine
+        d["move_stars"] = bool(self.settings.subtract_move_stars)
         return d
 
     def process(self, event: PhotometryDone) -> list[Event]:
@@ -323,6 +373,8 @@ class SubtractService(StageService):
                 return out
         sci = read_with_noise(sci_path, require_weight=True)
         ref, _ = reference_on_grid(ref_path, sci, Path(self.paths.path_scratch), filt)
+        if self.settings.subtract_move_stars:
+            ref = stars_to_science_epoch(ref, read_header(ref_path), sci, Path(self.paths.path_refcat), filt)
         if engine == "hotpants":
             from . import hotpants
 
@@ -331,6 +383,7 @@ class SubtractService(StageService):
             with tempfile.TemporaryDirectory(prefix=f"{stem(sci_path)[:40]}-", dir=scratch) as tmp:
                 res, convolved = hotpants.subtract_with_hotpants(sci, ref, Path(tmp), engine_params(self.settings))
             summary = hotpants.summary(res, ref_path.name, convolved)
+            summary.update({k: ref.header[h] for k, h in PM_KEYS.items() if h in ref.header})
             out = product_paths(sci_path, ref_path, sci.header, convolved)
             self._write(out, sci, ref, summary, res["diff"], res["noise"], res["mask"], res["conv"], ref_path,
                         "hotpants")
@@ -345,6 +398,7 @@ class SubtractService(StageService):
             self.m_step.labels(self.name, name).observe(seconds)
         res = to_host_result(res)
         summary = products.summary_of(res, ref_path.name, "native")
+        summary.update({k: ref.header[h] for k, h in PM_KEYS.items() if h in ref.header})
         out = product_paths(sci_path, ref_path, sci.header, res.convolved)
         self._write(out, sci, ref, summary, res.diff, res.noise, res.mask, res.convolved_image, ref_path,
                     f"native ({backend_name(xp)})")

@@ -354,5 +354,7 @@ def fit_kernel(stamps: StampData, basis: np.ndarray, bounds: tuple[int, int, int
     theta_h = to_host(theta)
     sol = KernelSolution(basis=np.asarray(basis), terms=terms, flux=float(theta_h[0]),
                          coeffs=theta_h[1:1 + m].reshape(nb - 1, nt), bg_terms=bg_terms,
-                         bg_coeffs=theta_h[1 + m:], bounds=bounds)
+                         bg_coeffs=theta_h[1 + m:], bounds=bounds,
+                         uv_box=(float(u_c[kept].min()), float(u_c[kept].max()),
+                                 float(v_c[kept].min()), float(v_c[kept].max())))
     return FitResult(solution=sol, kept=kept, chi2=chi2, n_iter=n_iter)

@@ -1,0 +1,171 @@
+"""Stars that moved between the reference's epoch and the science's (proper motion).
+
+A reference observed years before the science (a Pan-STARRS-like survey stack, epoch ~2013)
+holds every star where it was then. A star of 50 mas/yr has moved 0.6" by 2025: more than a
+pixel, and the difference shows it as a dipole of tens of sigma that hides any transient
+within several arcseconds and passes the vetting as one. The stars' motions are known (the
+Gaia catalogue the astrometry uses), so before the subtraction each such star's light in the
+reference (on the science grid) is moved to where the star is at the science's epoch:
+
+    R' = R - w (R - sky) + shift(w (R - sky), delta)
+
+with ``w`` a taper around the star, out to where its light falls below the noise, and
+``delta`` its displacement in science pixels. Neighbours inside the taper move with it; they
+are fainter than the star by construction of the radius, so what they leave is far below
+what the star would have.
+
+Units: pixel coordinates are 0-based (NumPy ``[y, x]``), displacements in pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+#: Stars that moved less than this (px) are left where they are.
+MIN_SHIFT_PX = 0.1
+#: The taper extends to where the star's azimuthal median falls below this many sigma.
+PROFILE_SIGMA = 0.5
+
+
+@dataclass
+class MovedStars:
+    """What :func:`move_stars` did."""
+
+    n_moved: int
+    max_shift_px: float
+
+
+def star_radius(cut: np.ndarray, valid: np.ndarray, x0: float, y0: float, sigma: float,
+                r_min: float, r_max: float) -> float:
+    """Radius (px) where a star's azimuthal median, sky-subtracted ``cut``, falls below
+    :data:`PROFILE_SIGMA` ``sigma``, within ``[r_min, r_max]``."""
+    yy, xx = np.indices(cut.shape)
+    r = np.hypot(xx - x0, yy - y0)
+    ring = np.floor(r).astype(int)
+    nbin = int(np.ceil(r_max)) + 1
+    sel = valid & (ring < nbin)
+    if not sel.any():
+        return r_min
+    order = np.lexsort((cut[sel], ring[sel]))
+    rs, vs = ring[sel][order], cut[sel][order]
+    starts = np.searchsorted(rs, np.arange(nbin))
+    counts = np.bincount(rs, minlength=nbin)
+    med = np.where(counts > 0, vs[np.minimum(starts + counts // 2, len(vs) - 1)], 0.0)
+    below = np.flatnonzero((med < PROFILE_SIGMA * sigma) & (counts > 0) & (np.arange(nbin) >= r_min))
+    return float(np.clip(below[0] if len(below) else r_max, r_min, r_max))
+
+
+def moffat(dx: np.ndarray, dy: np.ndarray, fwhm_px: float, beta: float = 3.0) -> np.ndarray:
+    """Unit-integral circular Moffat profile at offsets (dx, dy) (px)."""
+    alpha = fwhm_px / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    return (beta - 1.0) / (np.pi * alpha**2) * (1.0 + (dx**2 + dy**2) / alpha**2) ** (-beta)
+
+
+def move_stars(data: np.ndarray, mask: np.ndarray | None, x_old: np.ndarray, y_old: np.ndarray,
+               x_new: np.ndarray, y_new: np.ndarray, flux: np.ndarray, *, sky: float, sigma: float,
+               fwhm_px: float, r_max: float = 40.0) -> tuple[np.ndarray, np.ndarray | None, MovedStars]:
+    """Move the light of catalogue stars from ``(x_old, y_old)`` to ``(x_new, y_new)``.
+
+    Each pixel's light (above the sky) is shared among the catalogue stars in proportion to
+    their expected light there (``flux`` times a Moffat of ``fwhm_px``), so a star moves its
+    own share only: a neighbour, brighter or not, stays where it was. A star is moved when it
+    shifted by :data:`MIN_SHIFT_PX` or more and the dipole it would leave (its peak times the
+    shift over half the FWHM) reaches the noise.
+
+    Parameters
+    ----------
+    data : ndarray (ny, nx)
+        The reference on the science grid (not modified).
+    mask : uint16 ndarray or None
+        Its mask: masked pixels do not move light, and a masked pixel of a moved star (its
+        saturated core) is masked at the new place as well.
+    x_old, y_old, x_new, y_new : arrays
+        0-based positions of every catalogue star at the reference's and at the science's
+        epochs.
+    flux : array
+        The stars' relative fluxes (any unit; from the catalogue magnitudes), NaN = unknown
+        (such a star neither moves nor takes a share).
+    sky, sigma : float
+        The reference's sky level and per-pixel noise (its units).
+    fwhm_px : float
+        The reference's FWHM on the science grid (sets the shares, the smallest radius and the
+        taper).
+    r_max : float
+        Largest radius moved around a star (px).
+
+    Returns
+    -------
+    (data, mask, MovedStars)
+        New arrays (float32, uint16) and a summary.
+    """
+    from scipy.spatial import cKDTree
+
+    out = np.asarray(data, np.float32).copy()
+    new_mask = None if mask is None else mask.copy()
+    ny, nx = out.shape
+    x_old, y_old = np.asarray(x_old, float), np.asarray(y_old, float)
+    dx_all = np.asarray(x_new, float) - x_old
+    dy_all = np.asarray(y_new, float) - y_old
+    flux = np.asarray(flux, float)
+    known = np.isfinite(flux) & (flux > 0) & np.isfinite(x_old) & np.isfinite(y_old)
+    shift = np.where(known, np.hypot(dx_all, dy_all), 0.0)
+    taper = max(fwhm_px, 1.0)
+    r_min = 2.0 * fwhm_px
+    tree = cKDTree(np.column_stack([x_old[known], y_old[known]]))
+    idx_known = np.flatnonzero(known)
+    n_moved = 0
+    max_shift = 0.0
+    inside = (x_old > -r_max) & (x_old < nx + r_max) & (y_old > -r_max) & (y_old < ny + r_max)
+    for k in np.flatnonzero((shift >= MIN_SHIFT_PX) & np.isfinite(shift) & inside):
+        xo, yo = x_old[k], y_old[k]
+        h = int(np.ceil(r_max + taper + abs(dx_all[k]) + abs(dy_all[k]))) + 2
+        ix, iy = int(round(xo)), int(round(yo))
+        ya, yb, xa, xb = max(iy - h, 0), min(iy + h + 1, ny), max(ix - h, 0), min(ix + h + 1, nx)
+        if ya >= yb or xa >= xb:
+            continue
+        cut = out[ya:yb, xa:xb].astype(np.float64) - sky
+        valid = np.isfinite(cut)
+        if mask is not None:
+            valid &= mask[ya:yb, xa:xb] == 0
+        cut = np.where(valid, cut, 0.0)
+        cx, cy = xo - xa, yo - ya
+        yy, xx = np.indices(cut.shape)
+        # the star's share of each pixel's light
+        near = idx_known[tree.query_ball_point([xo, yo], h + 4 * fwhm_px)]
+        own = flux[k] * moffat(xx - cx, yy - cy, fwhm_px)
+        total = own.copy()
+        for j in near:
+            if j != k:
+                total += flux[j] * moffat(xx - (x_old[j] - xa), yy - (y_old[j] - ya), fwhm_px)
+        share = own / np.maximum(total, 1e-300)
+        mine = share * cut
+        if not valid.all():
+            # masked pixels (a saturated core) get the star's profile scaled to its valid
+            # pixels, so that the shifted light has no hole that the interpolation would spread
+            prof = own / flux[k]
+            fit = valid & (np.hypot(xx - cx, yy - cy) <= 2 * fwhm_px)
+            denom = float((prof[fit] ** 2).sum())
+            if denom > 0:
+                mine = np.where(valid, mine, float((mine[fit] * prof[fit]).sum()) / denom * prof)
+        peak = float(mine[max(int(round(cy)) - 1, 0):int(round(cy)) + 2, max(int(round(cx)) - 1, 0):int(round(cx)) + 2].max(
+            initial=0.0))
+        if peak * min(shift[k] / (0.5 * fwhm_px), 1.0) < sigma:
+            continue                     # its dipole would be lost in the noise
+        radius = star_radius(mine, valid, cx, cy, sigma, r_min, r_max)
+        r = np.hypot(xx - cx, yy - cy)
+        w = np.clip((radius + taper - r) / taper, 0.0, 1.0)
+        w = 0.5 - 0.5 * np.cos(np.pi * w)                # 1 inside the radius, 0 beyond + taper
+        part = w * mine
+        moved = ndimage.shift(part, (dy_all[k], dx_all[k]), order=3, mode="constant", cval=0.0)
+        out[ya:yb, xa:xb] += (moved - part).astype(np.float32)
+        if new_mask is not None:
+            core = np.where((r <= radius) & (share > 0.5), mask[ya:yb, xa:xb], 0)
+            if core.any():
+                new_mask[ya:yb, xa:xb] |= ndimage.shift(core, (dy_all[k], dx_all[k]), order=0, mode="constant",
+                                                        cval=0).astype(new_mask.dtype)
+        n_moved += 1
+        max_shift = max(max_shift, float(shift[k]))
+    return out, new_mask, MovedStars(n_moved, max_shift)

@@ -129,3 +129,30 @@ def test_snr_of_the_search_follows_the_truth(night):
                 ratio.append(float(ev["cat"]["snr_stat"][r["row"]]) / r["snr"])
     assert len(ratio) >= 15
     assert 0.8 < np.median(ratio) < 1.2, np.median(ratio)
+
+
+def test_stars_that_moved_since_the_reference_epoch_were_moved(night):
+    """The subtract stage moved the catalogue stars in each reference from the reference's
+    epoch (the simulator's truth: 2013.0 for the PS1-like one) to the science's; with a decade
+    between them the fastest stars moved by pixels, with weeks only a few moved, by a little."""
+    import json
+
+    from astropy.io import fits
+    from astropy.time import Time
+
+    runs, _ = night
+    seen = set()
+    for e in runs:
+        ev = e["event"]
+        h = fits.getheader(ev.path)
+        ref = Path(ev.reference_path)        # <root>/factory/ref_frame/<filter>/<ref>.fits
+        truth = json.loads((ref.parents[3] / "truth" / "refs" / f"{ref.name[:-5]}.json").read_text())
+        epoch = truth["epoch"]
+        assert h["SUBPMEPO"] == pytest.approx(epoch, abs=0.01), (ref.name, h["SUBPMEPO"], epoch)
+        years = Time(h["DATE-OBS"], scale="utc").jyear - epoch
+        if years > 5:
+            assert h["SUBPMSTR"] >= 10 and h["SUBPMSHF"] > 1.0, (ref.name, h["SUBPMSTR"], h["SUBPMSHF"])
+        else:
+            assert h["SUBPMSHF"] < 1.0, (ref.name, h["SUBPMSHF"])
+        seen.add(years > 5)
+    assert seen == {True, False}

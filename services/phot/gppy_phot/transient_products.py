@@ -43,8 +43,10 @@ log = logging.getLogger(__name__)
 
 #: Largest fraction of a detection's PSF information (sum P^2) on masked pixels (flag_masked).
 MAX_MASKED_PSF_FRACTION = 0.3
-#: Detections within this many FWHM of a saturated pixel are flagged (flag_masked).
-SAT_RADIUS_FWHM = 1.5
+#: Detections within this many FWHM of a saturated pixel are flagged (flag_masked): of the
+#: science's when the science was convolved (its saturated core spread over the kernel), else
+#: of the unconvolved image's, whose saturated pixels spoil only themselves.
+SAT_RADIUS_FWHM = {"SCIENCE": 1.5, "REFERENCE": 1.0}
 #: Value given to masked pixels of the noise image handed to Source Extractor (ignored there).
 BAD_RMS = 1e30
 
@@ -109,16 +111,6 @@ class SearchResult:
     skyval: float
     skysig: float
     aps: dict[str, float] = field(default_factory=dict)
-
-
-def _robust_sigma(a: np.ndarray, n: int = 200000, seed: int = 0) -> float:
-    v = np.asarray(a).ravel()
-    if v.size > n:
-        v = v[np.random.default_rng(seed).integers(0, v.size, n)]
-    v = v[np.isfinite(v) & (v != 0)]
-    if v.size == 0:
-        return float("nan")
-    return float(1.4826 * np.median(np.abs(v - np.median(v))))
 
 
 def _se_job(image: Path, workdir: Path, tag: str, info: DiffScience, aps, rms: Path, flag: Path,
@@ -339,14 +331,15 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
                                                     info.beta, psf_scale)
     # v1 rules 11 and 13 (masked or null pixels near the detection): a detection is lost to the
     # mask when much of its PSF lies on masked or null pixels, or when a saturated pixel (a star's
-    # core, whose residuals no mask growth contains) is within 1.5 FWHM; a single masked pixel (a cosmic ray
+    # core) is near (SAT_RADIUS_FWHM); a single masked pixel (a cosmic ray
     # or bad column of the stack) beside a source does not make it bogus
     zero_or_bad = bad | (diff == 0)
     masked_frac = transients.masked_psf_fraction(zero_or_bad, x, y, info.peeing, info.beta)
     masked = masked_frac > MAX_MASKED_PSF_FRACTION
     if mask is not None and n:
         saturated = (mask & int(MaskBit.SATURATED | MaskBit.NONFINITE)) != 0
-        masked |= transients.any_in_radius(saturated, x, y, max(5.0, SAT_RADIUS_FWHM * info.peeing))
+        k_sat = SAT_RADIUS_FWHM.get(str(header.get("SUBCONV", "SCIENCE")).strip().upper(), 1.5)
+        masked |= transients.any_in_radius(saturated, x, y, max(5.0, k_sat * info.peeing))
     if ref_footprint is not None and n:
         rw, (rny, rnx) = ref_footprint
         rx, ry = rw.all_world2pix(np.asarray(det["ALPHA_J2000"]), np.asarray(det["DELTA_J2000"]), 0)
@@ -356,8 +349,15 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
         rx = ry = np.full(n, np.nan)
         in_fp = np.ones(n, bool)
     if conv is not None and n:
-        conv_sig = _robust_sigma(conv)
-        ref_min = transients.min_significance(conv, conv_sig, x, y, info.seeing / info.pixscale)
+        # a hole in the reference (a negative feature a PSF wide: an artefact, a wrongly
+        # subtracted background) at the detection, judged at the aperture scale against the
+        # scatter of the same aperture on the convolved reference at random places: a single
+        # low pixel among the ~100 within the seeing radius is noise
+        rand = transients.forced_aperture(conv, rx_, ry_, r1, bad=bad).flux
+        rand = rand[np.isfinite(rand)]
+        med = float(np.median(rand)) if len(rand) >= 50 else 0.0
+        conv_ap_sig = float(1.4826 * np.median(np.abs(rand - med))) if len(rand) >= 50 else 0.0
+        ref_min = (fr.flux - med) / conv_ap_sig if conv_ap_sig > 0 else np.zeros(n)
     else:
         ref_min = np.zeros(n)
     iy = np.clip(np.rint(y).astype(int), 0, ny - 1)

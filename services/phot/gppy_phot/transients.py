@@ -30,7 +30,8 @@ from gppy_phot.pixels import stamps
 #: Flag columns, with the v1 §10 item each stands for.
 FLAG_DOC = {
     "flag_inv_diff": "1: a detection of the opposite sign within SEEING (dipole / negative counterpart)",
-    "flag_inv_ref": "2: a negative feature in the convolved reference within SEEING (> 5 sigma deep)",
+    "flag_inv_ref": "2: a negative feature in the convolved reference at the detection (APER_1 flux below "
+                    "-5 sigma of that aperture's scatter on the convolved reference)",
     "flag_edge": "3: within the border margin (outside v1's 99 % box, and >= 2 FWHM from the edge)",
     "flag_faint": "4: PSF-weighted S/N below snr_min (negative detections: snr_min_negative; matched-filter "
                   "peaks without a Source Extractor shape: 1.5 snr_min) (v1: fainter than the 5-sigma depth UL5_1)",
@@ -264,23 +265,6 @@ def masked_psf_fraction(bad: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_px: 
     tot = p2.reshape(n, -1).sum(axis=1)
     lost = (p2 * (b > 0)).reshape(n, -1).sum(axis=1)
     return np.where(tot > 0, lost / np.where(tot > 0, tot, 1.0), 1.0)
-
-
-def min_significance(image: np.ndarray, sigma: float | np.ndarray, x: np.ndarray, y: np.ndarray,
-                     radius: float) -> np.ndarray:
-    """Most negative value / sigma within ``radius`` (for the inverted-reference check)."""
-    half = int(np.ceil(radius))
-    v, dx, dy = stamps(image, x, y, half)
-    if np.ndim(sigma) == 2:
-        s, _, _ = stamps(sigma, x, y, half, fill=np.nan)
-    else:
-        s = np.full(v.shape, float(sigma))
-    inside = (np.hypot(dx, dy) <= radius) & np.isfinite(v) & np.isfinite(s) & (s > 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        z = np.where(inside, v / np.where(s > 0, s, 1.0), np.inf)
-    n = len(np.atleast_1d(x))
-    out = z.reshape(n, -1).min(axis=1)
-    return np.where(np.isfinite(out), out, 0.0)
 
 
 def opposite_lobe(diff: np.ndarray, sigma: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: np.ndarray,

@@ -47,6 +47,9 @@ MAX_MASKED_PSF_FRACTION = 0.3
 #: science's when the science was convolved (its saturated core spread over the kernel), else
 #: of the unconvolved image's, whose saturated pixels spoil only themselves.
 SAT_RADIUS_FWHM = {"SCIENCE": 1.5, "REFERENCE": 1.0}
+#: Stars of at least this S/N (their PSF flux over the difference's PSF-flux noise) measure the
+#: level of the residual lobes beside stars.
+WING_STAR_SNR = 200.0
 #: Value given to masked pixels of the noise image handed to Source Extractor (ignored there).
 BAD_RMS = 1e30
 
@@ -295,7 +298,15 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
             level = transients.residual_level(
                 transients.forced_psf(diff, sig_img, sx_[brightest], sy_[brightest], info.peeing, bad, info.beta).flux,
                 transients.forced_aperture(conv, sx_[brightest], sy_[brightest], r1, bad=bad).flux)
-        wing = transients.wing_residual_level(diff, sig_img, bad, sx_[brightest], sy_[brightest], sf_[brightest],
+        # the wing residual, as a fraction of a star's flux, is measurable only beside stars
+        # bright enough for it to stand out of the noise: those of S/N > WING_STAR_SNR on the
+        # difference's noise (at least the 10 brightest)
+        err0 = float(np.nanmedian(transients.forced_psf(diff, sig_img, rx_[:300], ry_[:300], info.peeing, bad,
+                                                        info.beta).err)) * psf_scale
+        wing_stars = brightest[sf_[brightest] > WING_STAR_SNR * err0] if np.isfinite(err0) else brightest[:0]
+        if len(wing_stars) < 10:
+            wing_stars = brightest[:10]
+        wing = transients.wing_residual_level(diff, sig_img, bad, sx_[wing_stars], sy_[wing_stars], sf_[wing_stars],
                                               info.peeing, info.beta, psf_scale)
         near = transients.nearby_flux(x, y, sx_, sy_, sf_, info.peeing, info.beta)
     snr_stat = psf_pos.snr / psf_scale * sign

@@ -324,3 +324,33 @@ def test_non_finite_pixels_are_flagged_not_fatal(field, tmp_path):
     r = res.apertures.diameters["APER_3"] / 2
     expected = field.zp + 2.5 * np.log10(cp.pixel_ee(r, field.fwhm_px, field.beta))
     assert abs(res.zps["APER_3"].zp - expected) < 0.02
+
+
+def test_a_star_without_measurable_moments_leaves_the_ellipticity_finite():
+    """Eight round Gaussian stars (FWHM 4 px) and one whose stamp is a narrow spike in a
+    depression (its weighted second moments come out negative): the ellipticity is that of the
+    round stars, not NaN (a NaN header value failed a simulated frame's photometry)."""
+    from gppy_phot.seeing import measure_psf
+
+    rng = np.random.default_rng(3)
+    ny, nx = 200, 260
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    data = 100.0 + rng.normal(0, 1.0, (ny, nx))
+    sig = 4.0 / 2.3548
+    xs, ys = [], []
+    for k in range(8):
+        x0, y0 = 30.0 + 28 * k + rng.uniform(-0.5, 0.5), 50.0 + rng.uniform(-0.5, 0.5)
+        data += 5000.0 * np.exp(-0.5 * ((xx - x0) ** 2 + (yy - y0) ** 2) / sig**2)
+        xs.append(x0)
+        ys.append(y0)
+    xo, yo = 130.0, 140.0
+    r = np.hypot(xx - xo, yy - yo)
+    data[r < 9] -= 40.0                       # a depression ...
+    data[r < 1.5] += 500.0                    # ... with a spike at its centre
+    xs.append(xo)
+    ys.append(yo)
+    see = measure_psf(data, None, np.array(xs), np.array(ys), pixscale=0.505, saturation=60000.0,
+                      fwhm_guess_px=4.0)
+    assert np.isfinite(see.ellip) and np.isfinite(see.elong)
+    assert see.ellip < 0.05 and see.elong < 1.06, (see.ellip, see.elong)
+    assert see.peeing_px == pytest.approx(4.0, rel=0.05)

@@ -194,7 +194,12 @@ def measure_psf(data: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: np.n
         tr, det = qxx + qyy, qxx * qyy - qxy**2
         disc = np.sqrt(np.clip((tr / 2) ** 2 - det, 0, None))
         a2, b2 = tr / 2 + disc, np.clip(tr / 2 - disc, 1e-6, None)
-        q = np.sqrt(b2 / a2)
+        # a stamp whose weighted sum or moments come out non-positive (a noisy faint star on a
+        # background step) has no axis ratio: it is left out of the ellipticity
+        with np.errstate(invalid="ignore", divide="ignore"):
+            q = np.where((t2 > 0) & (a2 > 0), np.sqrt(b2 / np.where(a2 > 0, a2, 1.0)), np.nan)
+        if np.isfinite(q).sum() < MIN_SEEING_STARS:
+            raise ValueError(f"only {int(np.isfinite(q).sum())} stars with measurable second moments")
         # flux within 3 FWHM and the stacked profile
         rap = 3.0 * fwhm
         flux = np.where(rr <= rap, sub, 0.0).reshape(len(idx), -1).sum(axis=1)
@@ -217,7 +222,7 @@ def measure_psf(data: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: np.n
 
         alpha, beta = fit_moffat_profile(rb, vb, eb, rap, fwhm)
         fwhm = moffat_fwhm(alpha, beta)
-        result = Seeing(seeing_arcsec=fwhm * pixscale, peeing_px=fwhm, ellip=float(np.median(1 - q)),
-                        elong=float(np.median(1 / q)), nstars=len(idx), method="psf-fit")
+        result = Seeing(seeing_arcsec=fwhm * pixscale, peeing_px=fwhm, ellip=float(np.nanmedian(1 - q)),
+                        elong=float(np.nanmedian(1 / q)), nstars=len(idx), method="psf-fit")
     assert result is not None
     return result

@@ -314,10 +314,10 @@ def image_epoch(header: fits.Header) -> Time | None:
 
 def catalogue_motion(path_refcat: str | Path | None, obj: str, t_science: Time | None, t_reference: Time | None,
                      filt: str | None = None) -> tuple[np.ndarray, ...] | None:
-    """The field's catalogue stars at the science's and at the reference's epochs:
-    ``(ra, dec, ra_ref, dec_ref)`` in deg, plus (with ``filt``) their ``mag_<filt>`` (the G
-    magnitude where that is missing), or None (no catalogue, an unreadable one, or an epoch
-    unknown: the callers treat the motion as a help, never a requirement)."""
+    """The field's catalogue stars at the science's and at the reference's epochs and their
+    magnitudes: ``(ra, dec, ra_ref, dec_ref, mag)`` (deg; ``mag_<filt>``, the G magnitude where
+    that is missing or no ``filt`` is given), or None (no catalogue, an unreadable one, or an
+    epoch unknown: the callers treat the motion as a help, never a requirement)."""
     if path_refcat is None or t_science is None or t_reference is None:
         return None
     path = gaiaxp_path(path_refcat, obj)
@@ -330,9 +330,7 @@ def catalogue_motion(path_refcat: str | Path | None, obj: str, t_science: Time |
         return None
     ra, dec = propagate_to_epoch(cat, t_science)
     ra_r, dec_r = propagate_to_epoch(cat, t_reference)
-    if filt is None:
-        return ra, dec, ra_r, dec_r
     g = _as_float(cat["phot_g_mean_mag"])
     col = f"mag_{filt}"
-    mag = _as_float(cat[col]) if col in cat.colnames else g
+    mag = _as_float(cat[col]) if filt is not None and col in cat.colnames else g
     return ra, dec, ra_r, dec_r, np.where(np.isfinite(mag), mag, g)

@@ -194,9 +194,9 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
     margin = int(np.ceil(3 * info.peeing)) + 2
     rx_, ry_ = transients.random_positions(bad, 2000, margin)
     psf_scale = ap_scale = 1.0
+    psf_rand = transients.forced_psf(diff, sig_img, rx_, ry_, info.peeing, bad, info.beta)
     if tp.calibrate_noise:
-        psf_scale = transients.noise_scale(transients.forced_psf(diff, sig_img, rx_, ry_, info.peeing, bad,
-                                                                 info.beta).snr)
+        psf_scale = transients.noise_scale(psf_rand.snr)
         fr_rand = transients.forced_aperture(diff, rx_, ry_, r1, sigma=sig_img, bad=bad)
         ap_scale = transients.noise_scale(fr_rand.flux / fr_rand.err)
     # Source Extractor detects with the noise at the PSF scale (its threshold is on the image
@@ -301,8 +301,7 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
         # the wing residual, as a fraction of a star's flux, is measurable only beside stars
         # bright enough for it to stand out of the noise: those of S/N > WING_STAR_SNR on the
         # difference's noise (at least the 10 brightest)
-        err0 = float(np.nanmedian(transients.forced_psf(diff, sig_img, rx_[:300], ry_[:300], info.peeing, bad,
-                                                        info.beta).err)) * psf_scale
+        err0 = float(np.nanmedian(psf_rand.err)) * psf_scale
         wing_stars = brightest[sf_[brightest] > WING_STAR_SNR * err0] if np.isfinite(err0) else brightest[:0]
         if len(wing_stars) < 10:
             wing_stars = brightest[:10]
@@ -655,7 +654,8 @@ def difference_products(event, processed: Path, scratch_root: Path, params: Phot
     with tempfile.TemporaryDirectory(prefix=f"diff-{stem(diff_path)[:40]}-", dir=scratch_root) as tmp:
         res = search(diff_path, diff, header, noise, mask, science, sci_sigma, float(sci_header.get("EGAIN", 0.0)),
                      conv, ref_fp, singles, Path(tmp), params, tparams,
-                     stars=_science_sources(Path(event.science_path), dirs), moving_stars=motion)
+                     stars=_science_sources(Path(event.science_path), dirs),
+                     moving_stars=motion[:4] if motion is not None else None)
     base = stem(diff_path)                      # <science stem>.subt
     out_dir = diff_path.parent
     prov = provenance_meta([diff_path, event.science_path, event.conv_path or "", event.reference_path or ""],

@@ -7,12 +7,11 @@ within several arcseconds and passes the vetting as one. The stars' motions are 
 Gaia catalogue the astrometry uses), so before the subtraction each such star's light in the
 reference (on the science grid) is moved to where the star is at the science's epoch:
 
-    R' = R - w (R - sky) + shift(w (R - sky), delta)
+    R' = R - w s (R - sky) + shift(w s (R - sky), delta)
 
-with ``w`` a taper around the star, out to where its light falls below the noise, and
-``delta`` its displacement in science pixels. Neighbours inside the taper move with it; they
-are fainter than the star by construction of the radius, so what they leave is far below
-what the star would have.
+with ``s`` the star's share of each pixel's light (its expected light over that of every
+catalogue star there), ``w`` a taper around it out to where its light falls below the noise,
+and ``delta`` its displacement in science pixels. A neighbour keeps its own share where it is.
 
 Units: pixel coordinates are 0-based (NumPy ``[y, x]``), displacements in pixels.
 """
@@ -100,8 +99,7 @@ def move_stars(data: np.ndarray, mask: np.ndarray | None, x_old: np.ndarray, y_o
     idx_known = np.flatnonzero(known)
     n_moved = 0
     max_shift = 0.0
-    inside = (x_old > -r_max) & (x_old < nx + r_max) & (y_old > -r_max) & (y_old < ny + r_max)
-    for k in np.flatnonzero((shift >= MIN_SHIFT_PX) & np.isfinite(shift) & inside):
+    for k in np.flatnonzero((shift >= MIN_SHIFT_PX) & np.isfinite(shift)):
         xo, yo = x_old[k], y_old[k]
         ix, iy = int(round(xo)), int(round(yo))
         if not (0 <= ix < nx and 0 <= iy < ny):
@@ -110,16 +108,14 @@ def move_stars(data: np.ndarray, mask: np.ndarray | None, x_old: np.ndarray, y_o
         # leave a visible dipole, and bounds the radius to move (a Moffat of index 3 falls to
         # PROFILE_SIGMA sigma at alpha sqrt((peak / (PROFILE_SIGMA sigma))^(1/3) - 1), taken
         # 1.5 times for broader wings)
-        core = out[max(iy - 1, 0):iy + 2, max(ix - 1, 0):ix + 2]
-        peak0 = float(np.nanmax(core)) - sky if np.isfinite(core).any() else 0.0
+        centre = out[max(iy - 1, 0):iy + 2, max(ix - 1, 0):ix + 2]
+        peak0 = float(np.nanmax(centre)) - sky if np.isfinite(centre).any() else 0.0
         if peak0 * min(shift[k] / (0.5 * fwhm_px), 1.0) < sigma:
             continue
         ratio = max(peak0 / (PROFILE_SIGMA * sigma), 1.0)
         r_est = float(np.clip(1.5 * alpha * np.sqrt(ratio ** (1.0 / 3.0) - 1.0), r_min, r_max))
         h = int(np.ceil(r_est + taper + abs(dx_all[k]) + abs(dy_all[k]))) + 2
         ya, yb, xa, xb = max(iy - h, 0), min(iy + h + 1, ny), max(ix - h, 0), min(ix + h + 1, nx)
-        if ya >= yb or xa >= xb:
-            continue
         cut = out[ya:yb, xa:xb].astype(np.float64) - sky
         valid = np.isfinite(cut)
         if mask is not None:
@@ -127,6 +123,7 @@ def move_stars(data: np.ndarray, mask: np.ndarray | None, x_old: np.ndarray, y_o
         cut = np.where(valid, cut, 0.0)
         cx, cy = xo - xa, yo - ya
         yy, xx = np.indices(cut.shape)
+        r = np.hypot(xx - cx, yy - cy)
         # the star's share of each pixel's light
         near = idx_known[tree.query_ball_point([xo, yo], h + 2 * fwhm_px)]
         own = flux[k] * moffat(xx - cx, yy - cy, fwhm_px)
@@ -140,7 +137,7 @@ def move_stars(data: np.ndarray, mask: np.ndarray | None, x_old: np.ndarray, y_o
             # masked pixels (a saturated core) get the star's profile scaled to its valid
             # pixels, so that the shifted light has no hole that the interpolation would spread
             prof = own / flux[k]
-            fit = valid & (np.hypot(xx - cx, yy - cy) <= 2 * fwhm_px)
+            fit = valid & (r <= 2 * fwhm_px)
             denom = float((prof[fit] ** 2).sum())
             if denom > 0:
                 mine = np.where(valid, mine, float((mine[fit] * prof[fit]).sum()) / denom * prof)
@@ -148,15 +145,13 @@ def move_stars(data: np.ndarray, mask: np.ndarray | None, x_old: np.ndarray, y_o
             initial=0.0))
         if peak * min(shift[k] / (0.5 * fwhm_px), 1.0) < sigma:
             continue                     # its dipole would be lost in the noise
-        radius = r_est
-        r = np.hypot(xx - cx, yy - cy)
-        w = np.clip((radius + taper - r) / taper, 0.0, 1.0)
+        w = np.clip((r_est + taper - r) / taper, 0.0, 1.0)
         w = 0.5 - 0.5 * np.cos(np.pi * w)                # 1 inside the radius, 0 beyond + taper
         part = w * mine
         moved = ndimage.shift(part, (dy_all[k], dx_all[k]), order=3, mode="constant", cval=0.0)
         out[ya:yb, xa:xb] += (moved - part).astype(np.float32)
         if new_mask is not None:
-            core = np.where((r <= radius) & (share > 0.5), mask[ya:yb, xa:xb], 0)
+            core = np.where((r <= r_est) & (share > 0.5), mask[ya:yb, xa:xb], 0)
             if core.any():
                 new_mask[ya:yb, xa:xb] |= ndimage.shift(core, (dy_all[k], dx_all[k]), order=0, mode="constant",
                                                         cval=0).astype(new_mask.dtype)

@@ -64,6 +64,7 @@ from gppy.xp import backend_name, get_xp, to_host
 
 from . import products, propermotion, reference
 from .engine import EngineError, EngineParams, Plane, subtract, to_host_result
+from .stamps import sky_level
 
 log = logging.getLogger(__name__)
 STAGE = "subtract"
@@ -222,49 +223,34 @@ def reference_on_grid(ref_path: Path, sci: Inputs, scratch_root: Path, filt: str
     return Inputs(img, data, var, mask, hdr), True
 
 
-#: Summary keys of the stars moved -> header keys carrying them from the reference planes.
-PM_KEYS = {"pm_moved": "SUBPMSTR", "pm_max_shift": "SUBPMSHF", "pm_ref_epoch": "SUBPMEPO"}
-
-
-def moved_summary(moved: propermotion.MovedStars, t_ref) -> dict:
-    return {"pm_moved": moved.n_moved, "pm_max_shift": round(moved.max_shift_px, 3),
-            "pm_ref_epoch": round(float(t_ref.jyear), 3)}
-
-
 def stars_to_science_epoch(ref: Inputs, ref_header: fits.Header, sci: Inputs, path_refcat: Path, filt: str
-                           ) -> Inputs:
+                           ) -> tuple[Inputs, dict]:
     """The reference (on the science grid) with the catalogue stars that moved between the two
-    epochs moved to their place at the science's (:mod:`.propermotion`); unchanged when an
-    epoch or the field's catalogue is unknown. The returned header holds what was done
-    (:data:`PM_KEYS`), for the products' headers."""
+    epochs moved to their place at the science's (:mod:`.propermotion`), and what was done
+    (``pm_moved``, ``pm_max_shift``, ``pm_ref_epoch``: the products' ``SUBPM*`` keys); unchanged
+    (and ``{}``) when an epoch or the field's catalogue is unknown."""
     obj, _ = object_filter(sci.header, sci.path)
     t_ref, t_sci = image_epoch(ref_header), image_epoch(sci.header)
     motion = catalogue_motion(path_refcat, obj, t_sci, t_ref, filt=filt)
     if motion is None:
         log.info("%s: reference epoch or catalogue of %s unknown: stars not moved", sci.path.name, obj)
-        return ref
+        return ref, {}
     w_sci = _celestial_wcs(sci.header, sci.path)
     ra, dec, ra_r, dec_r, mag = motion
     ok = np.isfinite(ra) & np.isfinite(dec) & np.isfinite(ra_r) & np.isfinite(dec_r)
     x_new, y_new = w_sci.all_world2pix(ra[ok], dec[ok], 0)
     x_old, y_old = w_sci.all_world2pix(ra_r[ok], dec_r[ok], 0)
-    flux = 10.0 ** (-0.4 * (mag[ok] - 20.0))
-    valid = (ref.mask == 0) & np.isfinite(ref.data) if ref.mask is not None else np.isfinite(ref.data)
-    sample = ref.data[valid][:: max(1, int(valid.sum() // 500000))].astype(np.float64)
-    if sample.size < 100:
-        return ref
-    sky = float(np.median(sample))
-    sigma = float(1.4826 * np.median(np.abs(sample - sky)))
+    sky, sigma = sky_level(ref.data, ref.mask, np)
     scale = float(np.sqrt(abs(np.linalg.det(w_sci.pixel_scale_matrix))) * 3600.0)
     seeing = max(float(ref_header.get("SEEING", 0) or 0), float(sci.header.get("SEEING", 0) or 0), 2.0)
-    data, mask, moved = propermotion.move_stars(ref.data, ref.mask, x_old, y_old, x_new, y_new, flux, sky=sky,
-                                                sigma=sigma, fwhm_px=seeing / scale)
-    hdr = ref.header.copy()
-    for key, value in moved_summary(moved, t_ref).items():
-        hdr[PM_KEYS[key]] = value
+    data, mask, moved = propermotion.move_stars(ref.data, ref.mask, x_old, y_old, x_new, y_new,
+                                                10.0 ** (-0.4 * (mag[ok] - 20.0)), sky=sky, sigma=sigma,
+                                                fwhm_px=seeing / scale)
     log.info("%s: %d stars moved by up to %.2f px from the reference epoch %.2f", sci.path.name, moved.n_moved,
              moved.max_shift_px, t_ref.jyear)
-    return Inputs(ref.path, data, ref.var, mask if mask is not None else ref.mask, hdr)
+    return (Inputs(ref.path, data, ref.var, mask, ref.header),
+            {"pm_moved": moved.n_moved, "pm_max_shift": round(moved.max_shift_px, 3),
+             "pm_ref_epoch": round(float(t_ref.jyear), 3)})
 
 
 def engine_params(settings) -> EngineParams:
@@ -373,8 +359,9 @@ class SubtractService(StageService):
                 return out
         sci = read_with_noise(sci_path, require_weight=True)
         ref, _ = reference_on_grid(ref_path, sci, Path(self.paths.path_scratch), filt)
+        moved: dict = {}
         if self.settings.subtract_move_stars:
-            ref = stars_to_science_epoch(ref, read_header(ref_path), sci, Path(self.paths.path_refcat), filt)
+            ref, moved = stars_to_science_epoch(ref, read_header(ref_path), sci, Path(self.paths.path_refcat), filt)
         if engine == "hotpants":
             from . import hotpants
 
@@ -382,8 +369,7 @@ class SubtractService(StageService):
             scratch.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(prefix=f"{stem(sci_path)[:40]}-", dir=scratch) as tmp:
                 res, convolved = hotpants.subtract_with_hotpants(sci, ref, Path(tmp), engine_params(self.settings))
-            summary = hotpants.summary(res, ref_path.name, convolved)
-            summary.update({k: ref.header[h] for k, h in PM_KEYS.items() if h in ref.header})
+            summary = {**hotpants.summary(res, ref_path.name, convolved), **moved}
             out = product_paths(sci_path, ref_path, sci.header, convolved)
             self._write(out, sci, ref, summary, res["diff"], res["noise"], res["mask"], res["conv"], ref_path,
                         "hotpants")
@@ -397,8 +383,7 @@ class SubtractService(StageService):
         for name, seconds in res.timings.items():
             self.m_step.labels(self.name, name).observe(seconds)
         res = to_host_result(res)
-        summary = products.summary_of(res, ref_path.name, "native")
-        summary.update({k: ref.header[h] for k, h in PM_KEYS.items() if h in ref.header})
+        summary = {**products.summary_of(res, ref_path.name, "native"), **moved}
         out = product_paths(sci_path, ref_path, sci.header, res.convolved)
         self._write(out, sci, ref, summary, res.diff, res.noise, res.mask, res.convolved_image, ref_path,
                     f"native ({backend_name(xp)})")

@@ -409,7 +409,7 @@ def evaluate_difference(entry: dict, truth_dir: Path, match_arcsec: float | None
     false = cat[cand & ~used]
     return {"rows": rows, "false": false, "cat": cat, "area_px": int(np.sum(mask == 0)), "scale": scale,
             "fwhm_px": fwhm_px, "shape": diff.shape, "subconv": str(dh.get("SUBCONV", "")),
-            "match_arcsec": match_arcsec}
+            "match_arcsec": match_arcsec, "assoc_arcsec": assoc_arcsec}
 
 
 def measure_nights(root: Path, seeds: list[int], n_transients: int = 16) -> dict:

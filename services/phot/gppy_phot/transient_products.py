@@ -35,7 +35,7 @@ from gppy.fitsio import BadInputError, atomic_path, read_header, read_image, wri
 from gppy.masks import MaskBit
 from gppy.naming import ProductDirs, stem, weight_of
 from gppy.refcat import catalogue_motion, image_epoch
-from gppy_phot import catalog, cutouts, realbogus, regions, sextractor, transients, zeropoint
+from gppy_phot import catalog, cutouts, realbogus, regions, sextractor, transients, vetting, zeropoint
 from gppy_phot.apertures import SUFFIXES, ZP_KEYS, aperture_set
 from gppy_phot.photometry import PhotParams
 
@@ -50,6 +50,10 @@ SAT_RADIUS_FWHM = {"SCIENCE": 1.5, "REFERENCE": 1.0}
 #: Stars of at least this S/N (their PSF flux over the difference's PSF-flux noise) measure the
 #: level of the residual lobes beside stars.
 WING_STAR_SNR = 200.0
+#: A matched-filter peak farther than this many FWHM from every Source Extractor detection is a
+#: detection of its own (closer, it is that detection's source; a transient beside a star's
+#: residual is merged into the residual's isophote, whose centroid lies between the two).
+PEAK_SEPARATION_FWHM = 0.5
 #: Value given to masked pixels of the noise image handed to Source Extractor (ignored there).
 BAD_RMS = 1e30
 
@@ -142,11 +146,49 @@ def calibrate_table(t: Table, filt: str, zps: dict[str, tuple[float, float]]) ->
     return out
 
 
+def vetting_columns(diff, bad, x, y, sign, snr_stat, snr_psf, psf_pos, psf_scale, ring_mean, ring_scatter, local, local_chi,
+                    star_other, dipole, lobe_ratio, lobe_snr, fwhm_det, elongation, masked_frac, ref_min, detector,
+                    rb_shape, stars, mask, header, info: DiffScience) -> dict[str, np.ndarray]:
+    """The measurements the vetting score weighs (:data:`gppy_phot.vetting.FEATURES`), per
+    detection (0-based x, y)."""
+    n = len(x)
+    err = np.asarray(psf_pos.err, float) * psf_scale
+    err = np.where(np.isfinite(err) & (err > 0), err, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sdist, sratio, slight, which = vetting.star_context(x, y, np.asarray(psf_pos.flux, float),
+                                                            np.nan_to_num(err, nan=1.0), stars, info.peeing, info.beta)
+        has = which >= 0
+        star_x = np.where(has, np.asarray(stars[0], float)[np.where(has, which, 0)] if has.any() else np.nan, np.nan)
+        star_y = np.where(has, np.asarray(stars[1], float)[np.where(has, which, 0)] if has.any() else np.nan, np.nan)
+        tang, off = vetting.star_aligned_shape(diff, bad, x, y, np.asarray(sign, float), star_x, star_y, info.peeing)
+        saturated = (mask & int(MaskBit.SATURATED)) != 0 if mask is not None else None
+        return {
+            "snr_stat": np.asarray(snr_stat, float), "snr_psf": np.asarray(snr_psf, float),
+            "ring_scatter": np.log1p(np.clip(np.asarray(ring_scatter, float), 0, None) / err),
+            "local": np.log1p(np.clip(np.nan_to_num(np.asarray(local, float)), 0, None) / err),
+            "ring_mean": np.asarray(ring_mean, float) * sign / err,
+            "local_chi": np.asarray(local_chi, float), "star_other": np.asarray(star_other, float),
+            "dipole": np.asarray(dipole, float), "lobe_ratio": np.asarray(lobe_ratio, float),
+            "lobe_snr": np.asarray(lobe_snr, float),
+            "log_chi2": np.log(np.clip(np.asarray(psf_pos.chi2, float) / psf_scale**2, 1e-3, None)),
+            "log_sharp": np.log(np.clip(np.abs(np.asarray(psf_pos.sharpness, float)), 1e-3, None)),
+            "log_fwhm": np.nan_to_num(np.log(fwhm_det / info.peeing), nan=0.0),
+            "log_elong": np.nan_to_num(np.log(np.clip(elongation, 1e-3, None) / max(info.elong, 1.0)), nan=0.0),
+            "masked_frac": np.asarray(masked_frac, float), "ref_min": np.asarray(ref_min, float),
+            "sign": np.asarray(sign, float), "star_dist": sdist, "star_ratio": sratio, "star_light": slight,
+            "star_tangential": tang, "star_offset": off,
+            "sat_dist": vetting.saturation_distance(saturated, x, y, info.peeing),
+            "peak_only": (np.asarray(detector) == "peak").astype(float), "rb_shape": np.asarray(rb_shape, float),
+            "sci_convolved": np.full(n, float(str(header.get("SUBCONV", "")).strip().upper() == "SCIENCE")),
+        }
+
+
 def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.ndarray, mask: np.ndarray | None,
            science: np.ndarray | None, sci_sigma: np.ndarray | None, sci_gain: float, conv: np.ndarray | None,
            ref_footprint: tuple[WCS, tuple[int, int]] | None,
            singles: list[transients.SingleDetections], workdir: Path, params: PhotParams | None = None,
            tparams: transients.TransientParams | None = None, rb_model: dict | None = None,
+           vet_model: dict | None = None,
            stars: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
            moving_stars: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None) -> SearchResult:
     """Detect, measure and vet the sources of a difference image.
@@ -242,19 +284,20 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
             from scipy.spatial import cKDTree
 
             dist, _ = cKDTree(np.vstack(se_xy)).query(np.column_stack([px, py]), k=1)
-            new = dist > info.peeing
+            new = dist > PEAK_SEPARATION_FWHM * info.peeing
             px, py, psign = px[new], py[new], psign[new]
-        # only beside stars (where isophotes merge); elsewhere Source Extractor's own
-        # detections, with their shape measurements, stand
+        # only beside stars and saturated cores (where isophotes merge); elsewhere Source
+        # Extractor's own detections, with their shape measurements, stand
+        close = np.zeros(len(px), bool)
         if stars is not None and len(stars[0]) and len(px):
             from scipy.spatial import cKDTree
 
             dstar, _ = cKDTree(np.column_stack([stars[0], stars[1]])).query(np.column_stack([px, py]), k=1)
-            close = dstar < 5 * info.peeing
-            px, py, psign = px[close], py[close], psign[close]
-        else:
-            px = py = np.zeros(0)
-            psign = np.zeros(0, int)
+            close |= dstar < 5 * info.peeing
+        if mask is not None and len(px):
+            sat = (mask & int(MaskBit.SATURATED)) != 0
+            close |= vetting.saturation_distance(sat, px, py, info.peeing) < 5
+        px, py, psign = px[close], py[close], psign[close]
     if len(px):
         pra, pdec = info.wcs.all_pix2world(px, py, 0)
         extra = Table({"NUMBER": np.zeros(len(px), np.int32), "X_IMAGE": px + 1.0, "Y_IMAGE": py + 1.0,
@@ -416,7 +459,14 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
     ncore = float(np.pi * (1.5 * info.peeing) ** 2)
     feats = realbogus.features(meas["FWHM_IMAGE"], info.peeing, np.asarray(det["ELONGATION"], float), info.elong,
                                dipole, psf_pos.chi2 / psf_scale**2, ncore, snr_stat, psf_pos.sharpness * sign)
-    rb = realbogus.score(feats, rb_model) if n else np.zeros(0)
+    rb_shape = realbogus.score(feats, rb_model) if n else np.zeros(0)
+    vet = vetting_columns(diff, bad, x, y, sign, snr_stat, snr_psf, psf_pos, psf_scale, ring_mean, ring_scatter, local, local_chi,
+                          star_other, dipole, lobe_ratio, lobe_snr, fwhm_det, np.asarray(det["ELONGATION"], float),
+                          masked_frac, ref_min, detector, rb_shape, stars, mask, header, info)
+    if tp.vetting_model:
+        rb = vetting.score(vetting.feature_matrix(vet), vet_model) if n else np.zeros(0)
+    else:
+        rb = rb_shape
     zp1, ezp1 = info.zps.get("APER_1", (np.nan, 0.0))
     flux_diff_ujy = fd.flux * sign * zeropoint.ujy_per_adu(zp1) if n else np.zeros(0)
     moving, rate, pa = transients.moving_objects(np.asarray(det["ALPHA_J2000"], float),
@@ -424,7 +474,8 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
                                                  tp.moving_min_arcsec, tp.moving_search_arcsec,
                                                  flux=flux_diff_ujy, sign=sign, snr_min=tp.snr_min,
                                                  seeing_arcsec=info.seeing)
-    cand = transients.candidates(flags, moving, rb, tp.rb_min)
+    cand = (transients.candidates(flags, moving, rb, tp.rb_min, snr=snr_stat, sign=sign, params=tp, rb_shape=rb_shape)
+            if tp.vetting_model else transients.candidates(flags, moving, rb, tp.rb_min))
 
     # ---- the transient table
     out = Table()
@@ -479,6 +530,9 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
         out[name] = f
     for j, fname in enumerate(realbogus.FEATURES):
         out[f"rb_{fname}"] = feats[:, j] if n else np.zeros(0)
+    out["rb_shape"] = rb_shape
+    for fname in vetting.FEATURES:
+        out[f"vet_{fname}"] = vet[fname] if n else np.zeros(0)
     out.meta.update({"filter": info.filt, "seeing": info.seeing, "snr_min": tp.snr_min,
                      "snr_min_negative": tp.snr_min_negative, "rb_min": tp.rb_min,
                      "psf_noise_scale": round(psf_scale, 4), "aperture_noise_scale": round(ap_scale, 4),

@@ -14,9 +14,12 @@ sources) gets:
   reference source), ``fading`` (negative), ``moving`` (its position moves across the visit's
   single frames, :func:`moving_objects`).
 
-A detection is a candidate when no veto flag is set (the shape flags are not vetoes for a
-moving object, which is elongated in a stack by nature) and its real/bogus score is at least
-``rb_min``.
+A detection is a candidate when none of the hard flags (:data:`HARD_FLAGS`) is set, its S/N
+reaches ``snr_min`` and its vetting score (:mod:`gppy_phot.vetting`, trained on simulated
+nights, which weighs the measurements behind the other flags together) is at least ``rb_min``;
+a moving object needs no hard flag only. With ``vetting_model=False``, v1's rule: no flag at
+all (shape flags waived for moving objects) and the shape-only score of
+:mod:`gppy_phot.realbogus` at least ``rb_min``.
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ FLAG_DOC = {
 }
 #: Flags that do not veto a moving object (a moving object is elongated in a stack).
 SHAPE_FLAGS = ("flag_ellip", "flag_seeing", "flag_concentration", "flag_inv_diff", "flag_dipole")
+#: Flags that veto a candidate whatever its vetting score: where the difference cannot hold a
+#: new source (the border, outside the reference, a hole in the reference, a moving star).
+HARD_FLAGS = ("flag_edge", "flag_footprint", "flag_inv_ref", "flag_pm_star")
 
 
 @dataclass
@@ -67,7 +73,15 @@ class TransientParams:
     #: Negative detections (fading sources) need more: the negative halos and lobes that the
     #: PSF matching leaves beside bright stars outnumber real fading sources near the limit.
     snr_min_negative: float = 7.0
-    rb_min: float = 0.5
+    #: Least vetting score (:mod:`gppy_phot.vetting`) of a candidate.
+    rb_min: float = 0.8
+    #: Score with the trained vetting model (False: v1's rule, no veto flag and the shape-only
+    #: score of :mod:`gppy_phot.realbogus` at least ``rb_min``).
+    vetting_model: bool = True
+    #: Least shape-only score (:mod:`gppy_phot.realbogus`, trained on synthetic cosmic rays, bad
+    #: columns, dipoles and broad blobs) of a candidate: a veto on artefacts that the
+    #: simulated nights behind the vetting model do not show (their calibration masks them).
+    rb_shape_min: float = 0.03
     edge_fraction: float = 0.005
     moving_min_arcsec: float = 1.0
     moving_search_arcsec: float = 8.0
@@ -427,11 +441,30 @@ def vetting_flags(cat: dict[str, np.ndarray], *, seeing_arcsec: float, peeing_px
     return f
 
 
-def candidates(flags: dict[str, np.ndarray], moving: np.ndarray, rb: np.ndarray, rb_min: float) -> np.ndarray:
-    """True for detections with no veto flag (shape flags waived for moving objects) and a
-    real/bogus score of at least ``rb_min`` (waived for moving objects too)."""
+def candidates(flags: dict[str, np.ndarray], moving: np.ndarray, rb: np.ndarray, rb_min: float,
+               snr: np.ndarray | None = None, sign: np.ndarray | None = None,
+               params: TransientParams | None = None, rb_shape: np.ndarray | None = None) -> np.ndarray:
+    """Which detections are candidates.
+
+    With ``snr`` and ``sign`` (the trained vetting score in ``rb``): no hard flag
+    (:data:`HARD_FLAGS`), S/N at least ``snr_min`` (``snr_min_negative`` for negative
+    detections), ``rb >= rb_min`` and ``rb_shape >= rb_shape_min``; a moving object needs no
+    hard flag only. Without them
+    (v1's rule): no veto flag (shape flags waived for moving objects) and ``rb >= rb_min``
+    (waived for moving objects too).
+    """
     n = len(moving)
     veto = np.zeros(n, bool)
+    if snr is not None and sign is not None:
+        p = params or TransientParams()
+        for name in HARD_FLAGS:
+            if name in flags:
+                veto |= flags[name]
+        floor = np.where(np.asarray(sign) > 0, p.snr_min, p.snr_min_negative)
+        ok = (rb >= rb_min) & (np.nan_to_num(np.asarray(snr, float)) >= floor)
+        if rb_shape is not None:
+            ok &= np.asarray(rb_shape) >= p.rb_shape_min
+        return ~veto & (ok | moving)
     for name, f in flags.items():
         if name in SHAPE_FLAGS:
             veto |= f & ~moving

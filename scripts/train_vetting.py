@@ -8,8 +8,9 @@ stacks, native subtraction, transient search with the trained score switched off
 labels do not depend on an earlier model) and labels every detection of every difference
 against the simulator's truth (:func:`label_detections`). ``fit`` (needs scikit-learn, the
 ``train`` extra) fits gradient-boosted trees on every night except the excluded seeds (the
-CI test's night), reports the figures of three-fold cross-validation by night (each fold's
-nights left out of its fit) and writes the trees as plain arrays for
+CI test's night), reports detection-level figures of three-fold cross-validation by night
+(each fold's nights left out of its fit; kept = a candidate by the score thresholds of
+``TransientParams``) and writes the trees as plain arrays for
 :func:`gppy_phot.vetting.score`.
 """
 
@@ -122,11 +123,13 @@ def export_trees(clf) -> dict:
     return {"baseline": float(np.ravel(clf._baseline_prediction)[0]), "trees": trees}
 
 
-def fit(outdir: Path, out: Path, exclude: list[int], threshold: float) -> None:
+def fit(outdir: Path, out: Path, exclude: list[int]) -> None:
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     from gppy_phot import vetting
+    from gppy_phot.transients import TransientParams
 
+    tp = TransientParams()
     nights = {}
     for p in sorted(outdir.glob("seed*.npz")):
         d = dict(np.load(p))
@@ -149,16 +152,19 @@ def fit(outdir: Path, out: Path, exclude: list[int], threshold: float) -> None:
         p = clf.predict_proba(x)[:, 1]
         snr = x[:, vetting.FEATURES.index("snr_stat")]
         real = y == 1
+        kept = (p >= np.where(snr >= tp.high_snr, tp.rb_min_high_snr, tp.rb_min)) & (snr >= tp.snr_min)
         record.append({"fold": k, "test_seeds": test, "real": int(real.sum()), "bogus": int((~real).sum()),
-                       "real_kept_snr10": float(np.mean(p[real & (snr >= 10)] >= threshold)),
-                       "bogus_kept_snr5": int(np.sum((p >= threshold) & ~real & (snr >= 5)))})
+                       "real_kept_snr10": round(float(np.mean(kept[real & (snr >= 10)])), 4),
+                       "real_kept_snr5_10": round(float(np.mean(kept[real & (snr >= 5) & (snr < 10)])), 4),
+                       "bogus_kept": int(np.sum(kept & ~real))})
         print(record[-1], flush=True)
     clf = HistGradientBoostingClassifier(**TREE_PARAMS).fit(*stack(seeds))
     model = export_trees(clf)
     x, _ = stack(seeds)
     assert np.allclose(vetting.score(x, {**model, "features": list(vetting.FEATURES)}), clf.predict_proba(x)[:, 1],
                        atol=1e-6), "exported trees disagree with scikit-learn"
-    model.update({"features": list(vetting.FEATURES), "threshold": threshold, "train_seeds": seeds,
+    model.update({"features": list(vetting.FEATURES), "rb_min": tp.rb_min, "rb_min_high_snr": tp.rb_min_high_snr,
+                  "train_seeds": seeds,
                   "excluded_seeds": exclude, "params": TREE_PARAMS, "cross_validation": record})
     out.write_text(json.dumps(model, separators=(",", ":")))
     print(f"wrote {out}: {len(model['trees'])} trees, {len(seeds)} nights")
@@ -175,12 +181,11 @@ def main() -> None:
     f.add_argument("outdir", type=Path)
     f.add_argument("--out", type=Path, default=ROOT / "services/phot/gppy_phot/vetting_model.json")
     f.add_argument("--exclude", type=int, nargs="*", default=list(TEST_SEEDS))
-    f.add_argument("--threshold", type=float, default=0.8)
     a = ap.parse_args()
     if a.cmd == "build":
         build(a.outdir, a.seeds, a.transients)
     else:
-        fit(a.outdir, a.out, a.exclude, a.threshold)
+        fit(a.outdir, a.out, a.exclude)
 
 
 if __name__ == "__main__":

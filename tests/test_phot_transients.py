@@ -245,6 +245,11 @@ def test_products_and_cutouts(scene):
     assert (t / f"{base}.subt.flag.summary.csv").read_text().startswith("flag,n,ratio")
     for name in transients.FLAG_DOC:
         assert name in cat.colnames
+    # the vetting model that decided is recorded, and its inputs are columns
+    from gppy_phot import vetting
+
+    assert cat.meta["vetting_model"] == vetting.model_id() and len(cat.meta["vetting_model"]) == 12
+    assert all(f"vet_{f}" in cat.colnames for f in vetting.FEATURES)
     # cutouts: three FITS and three PNG per candidate, north up, east left, centred
     fits_files = sorted(dirs.fits_image.glob(f"{base}.*.fits"))
     png_files = sorted(dirs.png_image.glob(f"{base}.*.png"))

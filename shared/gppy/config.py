@@ -142,7 +142,8 @@ class Settings(BaseSettings):
     match_radius_arcsec: float = 1.0
     phot_snr_min: float = 5.0            # PSF S/N of a transient candidate
     phot_snr_min_negative: float = 7.0   # PSF S/N of a negative (fading) candidate
-    phot_rb_min: float = 0.8             # least vetting (real/bogus) score of a candidate
+    phot_rb_min: float = 0.9             # least vetting (real/bogus) score of a candidate
+    phot_rb_min_high_snr: float = 0.3    # ... of a candidate of PSF S/N >= 10
     phot_vetting_model: bool = True      # trained vetting score; False: v1's flags + shape score
     phot_detect_sigma: float = 3.5       # Source Extractor detection significance on differences
     # watcher

@@ -56,13 +56,15 @@ def phot_params(settings) -> PhotParams:
 
 def transient_params(settings) -> TransientParams:
     """Transient-search settings: ``GPPY_PHOT_SNR_MIN`` (PSF S/N of a candidate, default 5),
-    ``GPPY_PHOT_RB_MIN`` (least vetting score of a candidate, 0.8), ``GPPY_PHOT_VETTING_MODEL``
+    ``GPPY_PHOT_RB_MIN`` (least vetting score of a candidate, 0.9; from S/N 10 on
+    ``GPPY_PHOT_RB_MIN_HIGH_SNR``, 0.3), ``GPPY_PHOT_VETTING_MODEL``
     (the trained vetting score, on; off: v1's flags and the shape-only score) and ``GPPY_PHOT_DETECT_SIGMA`` (Source
     Extractor detection significance, 3.5); negative detections (fading sources) need
     ``GPPY_PHOT_SNR_MIN_NEGATIVE`` (7, never below the positive threshold). With Gaussian noise and a 4.6-px
     PSF, S/N >= 5 leaves ~10 positive noise peaks per 10200 x 6800 difference and S/N >= 5.5
     about 1, at the price of completeness at S/N 5 (~50 % -> ~30 %)."""
     return TransientParams(snr_min=settings.phot_snr_min, rb_min=settings.phot_rb_min,
+                           rb_min_high_snr=settings.phot_rb_min_high_snr,
                            snr_min_negative=max(settings.phot_snr_min_negative, settings.phot_snr_min),
                            detect_significance=settings.phot_detect_sigma,
                            vetting_model=settings.phot_vetting_model)
@@ -73,9 +75,10 @@ def settings_record(params: PhotParams) -> dict:
     return dict(vars(params))
 
 
-def provenance_meta(inputs: list[str | Path], params: PhotParams) -> dict:
-    """The provenance record as a dict, for text products' meta."""
-    h = provenance.stamp(fits.Header(), STAGE, inputs, settings_record(params), ["sextractor"])
+def provenance_meta(inputs: list[str | Path], params: PhotParams, extra: dict | None = None) -> dict:
+    """The provenance record as a dict, for text products' meta (``extra``: more settings that
+    affect the products, hashed with ``params``)."""
+    h = provenance.stamp(fits.Header(), STAGE, inputs, {**settings_record(params), **(extra or {})}, ["sextractor"])
     return {k: h[k] for k in h}
 
 

@@ -535,6 +535,8 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
         out[f"vet_{fname}"] = vet[fname] if n else np.zeros(0)
     out.meta.update({"filter": info.filt, "seeing": info.seeing, "snr_min": tp.snr_min,
                      "snr_min_negative": tp.snr_min_negative, "rb_min": tp.rb_min,
+                     "rb_min_high_snr": tp.rb_min_high_snr, "high_snr": tp.high_snr,
+                     "rb_shape_min": tp.rb_shape_min, "vetting_model": vetting.model_id() if tp.vetting_model else "",
                      "psf_noise_scale": round(psf_scale, 4), "aperture_noise_scale": round(ap_scale, 4),
                      "residual_level": round(level, 4), "wing_residual_level": round(wing, 4),
                      "psf_fwhm_px": round(info.peeing, 3),
@@ -712,8 +714,9 @@ def difference_products(event, processed: Path, scratch_root: Path, params: Phot
                      moving_stars=motion[:4] if motion is not None else None)
     base = stem(diff_path)                      # <science stem>.subt
     out_dir = diff_path.parent
+    tp = tparams or transients.TransientParams()
     prov = provenance_meta([diff_path, event.science_path, event.conv_path or "", event.reference_path or ""],
-                           params)
+                           params, {**vars(tp), "vetting_model_sha256": vetting.model_id() if tp.vetting_model else ""})
     res.phot.meta.update({"image": diff_path.name, "filter": header.get("FILTER", ""), "provenance": prov})
     write_text(out_dir / f"{base}.phot.cat", catalog.to_ecsv(res.phot))
     res.transients.meta["provenance"] = prov

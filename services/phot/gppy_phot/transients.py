@@ -73,8 +73,13 @@ class TransientParams:
     #: Negative detections (fading sources) need more: the negative halos and lobes that the
     #: PSF matching leaves beside bright stars outnumber real fading sources near the limit.
     snr_min_negative: float = 7.0
-    #: Least vetting score (:mod:`gppy_phot.vetting`) of a candidate.
-    rb_min: float = 0.8
+    #: Least vetting score (:mod:`gppy_phot.vetting`) of a candidate; of one whose S/N reaches
+    #: ``high_snr``, ``rb_min_high_snr``: most false alarms are faint (noise peaks and the lobes
+    #: beside stars reach S/N 5-10), and a bright source beside a star, whose surroundings
+    #: lower its score, is rarely one (both chosen by cross-validation on simulated nights).
+    rb_min: float = 0.9
+    rb_min_high_snr: float = 0.3
+    high_snr: float = 10.0
     #: Score with the trained vetting model (False: v1's rule, no veto flag and the shape-only
     #: score of :mod:`gppy_phot.realbogus` at least ``rb_min``).
     vetting_model: bool = True
@@ -448,8 +453,8 @@ def candidates(flags: dict[str, np.ndarray], moving: np.ndarray, rb: np.ndarray,
 
     With ``snr`` and ``sign`` (the trained vetting score in ``rb``): no hard flag
     (:data:`HARD_FLAGS`), S/N at least ``snr_min`` (``snr_min_negative`` for negative
-    detections), ``rb >= rb_min`` and ``rb_shape >= rb_shape_min``; a moving object needs no
-    hard flag only. Without them
+    detections), ``rb >= rb_min`` (``rb_min_high_snr`` from S/N ``high_snr`` on) and
+    ``rb_shape >= rb_shape_min``; a moving object needs no hard flag only. Without them
     (v1's rule): no veto flag (shape flags waived for moving objects) and ``rb >= rb_min``
     (waived for moving objects too).
     """
@@ -461,7 +466,8 @@ def candidates(flags: dict[str, np.ndarray], moving: np.ndarray, rb: np.ndarray,
             if name in flags:
                 veto |= flags[name]
         floor = np.where(np.asarray(sign) > 0, p.snr_min, p.snr_min_negative)
-        ok = (rb >= rb_min) & (np.nan_to_num(np.asarray(snr, float)) >= floor)
+        snr = np.nan_to_num(np.asarray(snr, float))
+        ok = (rb >= np.where(snr >= p.high_snr, min(p.rb_min_high_snr, rb_min), rb_min)) & (snr >= floor)
         if rb_shape is not None:
             ok &= np.asarray(rb_shape) >= p.rb_shape_min
         return ~veto & (ok | moving)

@@ -11,7 +11,7 @@ Model: gradient-boosted decision trees (scikit-learn's ``HistGradientBoostingCla
 logistic loss), stored as plain arrays in ``vetting_model.json`` and evaluated here with NumPy
 alone (:func:`score`): ``p = sigmoid(baseline + sum of the trees' leaf values)``.
 
-Fitting (``tools/train_vetting.py``): nights of the simulator (:mod:`gppy.sim`) go through the
+Fitting (``scripts/train_vetting.py``): nights of the simulator (:mod:`gppy.sim`) go through the
 pipeline's science (stack, subtraction, transient search); every detection is labelled real
 when it lies within the match radius of an injected transient and bogus when it lies beyond
 1.5 FWHM of all of them (detections in between are left out). The nights of the CI test
@@ -22,6 +22,7 @@ used and the figures measured on nights left out of the fit.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -171,9 +172,17 @@ def feature_matrix(columns: dict[str, np.ndarray]) -> np.ndarray:
     return x
 
 
+def model_id(path: Path = MODEL_PATH) -> str:
+    """First 12 hex digits of the SHA-256 of the model file (recorded in the provenance)."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
+@lru_cache(maxsize=4)
 def load_model(path: Path = MODEL_PATH) -> dict:
     """The stored model: ``baseline``, ``trees`` (arrays per tree), ``features`` and its training
-    record."""
+    record (read once per path; not to be modified)."""
     return json.loads(Path(path).read_text())
 
 

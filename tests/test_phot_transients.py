@@ -173,7 +173,12 @@ def test_recall_of_injected_transients(scene):
     lo = inside & (design < 6.0)
     assert hi.sum() >= 40 and lo.sum() >= 50
     assert found[hi].mean() >= 0.95, found[hi].mean()
-    assert found[lo].mean() >= 0.5, found[lo].mean()
+    # S/N 5-6 sources against a threshold at S/N 5: the acceptance's 50 % with the counting
+    # tolerance of test_phot_sim_transients (fails when the count would be less likely than 1 %
+    # at a true 50 %)
+    from scipy.stats import binom
+
+    assert found[lo].sum() >= binom.ppf(0.01, lo.sum(), 0.5), (found[lo].sum(), lo.sum())
     labels = np.asarray(cat["label"])[idx[found & inside]]
     # "brightening" where a faint reference star shares the aperture
     assert np.mean(labels == "new") > 0.9 and set(labels) <= {"new", "brightening"}

@@ -476,6 +476,32 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
                                                  seeing_arcsec=info.seeing)
     cand = (transients.candidates(flags, moving, rb, tp.rb_min, snr=snr_stat, sign=sign, params=tp, rb_shape=rb_shape)
             if tp.vetting_model else transients.candidates(flags, moving, rb, tp.rb_min))
+    trail_len = trail_angle = trail_sig = np.full(n, np.nan)
+    if n and tp.trails:
+        # a moving object merged with a star in the single frames: their centroids do not line
+        # up, but the difference shows its trail clean of the star
+        psf_image = conv if conv is not None else science
+        psf_trail = (0.0, 0.0)
+        if psf_image is not None and stars is not None and len(stars[0]):
+            psf_trail = transients.psf_trail_level(psf_image, sig_img * psf_scale, bad, *stars, info.peeing, info.beta)
+        test = cand & (sign > 0) & ~moving & (snr_stat >= 2 * tp.snr_min)
+        trailed, trail_len, trail_angle, trail_sig = transients.trailed_objects(
+            diff, sig_img * psf_scale, bad, x, y, test, info.peeing, info.beta, psf_trail,
+            tp.moving_min_arcsec / info.pixscale)
+        # a source that the single frames show in place is not moving, whatever its shape on D
+        # (a transient beside a star whose residual stretches it)
+        ra_det, dec_det = np.asarray(det["ALPHA_J2000"], float), np.asarray(det["DELTA_J2000"], float)
+        trailed &= transients.static_in_singles(ra_det, dec_det, singles, 0.25 * info.seeing, tp.snr_min) < 2
+        span_h = transients.visit_span_hours(singles)
+        for i in np.flatnonzero(trailed):
+            moving[i] = True
+            ends = info.wcs.all_pix2world(x[i] + 0.5 * trail_len[i] * np.cos(trail_angle[i]) * np.array([-1.0, 1.0]),
+                                          y[i] + 0.5 * trail_len[i] * np.sin(trail_angle[i]) * np.array([-1.0, 1.0]), 0)
+            dra = (ends[0][1] - ends[0][0]) * np.cos(np.deg2rad(ends[1].mean())) * 3600
+            ddec = (ends[1][1] - ends[1][0]) * 3600
+            # a trail has no head: the direction is given modulo 180 deg
+            pa[i] = float(np.degrees(np.arctan2(dra, ddec)) % 180.0)
+            rate[i] = float(np.hypot(dra, ddec) / span_h) if span_h > 0 else np.nan
 
     # ---- the transient table
     out = Table()
@@ -524,6 +550,8 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
     out["ref_min_sig"] = ref_min
     out["x_refim"] = MaskedColumn(rx, mask=~np.isfinite(rx))
     out["y_refim"] = MaskedColumn(ry, mask=~np.isfinite(ry))
+    out["trail_arcsec"] = trail_len * info.pixscale if n else np.zeros(0)
+    out["trail_snr"] = trail_sig if n else np.zeros(0)
     out["rate_arcsec_h"] = MaskedColumn(rate, mask=~np.isfinite(rate))
     out["pa_deg"] = MaskedColumn(pa, mask=~np.isfinite(pa))
     for name, f in flags.items():

@@ -90,6 +90,9 @@ class TransientParams:
     edge_fraction: float = 0.005
     moving_min_arcsec: float = 1.0
     moving_search_arcsec: float = 8.0
+    #: Also label as moving the candidates that are trails on the difference
+    #: (:func:`trailed_objects`), for a moving object that the single frames cannot show.
+    trails: bool = True
     #: Check the noise image at random places and rescale it (off only where the noise is known
     #: exactly and the image is crowded with objects, as in the real/bogus training images).
     calibrate_noise: bool = True
@@ -497,6 +500,32 @@ class SingleDetections:
     dec: np.ndarray
     flux: np.ndarray | None = None   # calibrated flux (microjansky), APER_1
     snr: np.ndarray | None = None    # its S/N
+
+
+def visit_span_hours(singles: list[SingleDetections]) -> float:
+    """Time the visit's exposures cover (hours): from the first frame's mid-time to the last's,
+    stretched by n / (n - 1) for the half exposures at both ends (equal exposures, evenly
+    spaced); 0 with fewer than two frames."""
+    t = sorted(s.t for s in singles)
+    if len(t) < 2:
+        return 0.0
+    return (t[-1] - t[0]) * 24.0 * len(t) / (len(t) - 1)
+
+
+def static_in_singles(ra: np.ndarray, dec: np.ndarray, singles: list[SingleDetections], radius_arcsec: float,
+                      snr_min: float = 5.0) -> np.ndarray:
+    """Number of the visit's single frames that show an unmatched source (S/N >= ``snr_min``)
+    within ``radius_arcsec`` of each position: a source that stays put."""
+    count = np.zeros(len(ra), int)
+    cosd = np.cos(np.deg2rad(dec))
+    for s in singles:
+        if not len(s.ra):
+            continue
+        ok = np.ones(len(s.ra), bool) if s.snr is None else np.asarray(s.snr) >= snr_min
+        for i in range(len(ra)):
+            d = np.hypot((s.ra[ok] - ra[i]) * cosd[i], s.dec[ok] - dec[i]) * 3600.0
+            count[i] += int(d.size > 0 and d.min() <= radius_arcsec)
+    return count
 
 
 def _fit_motion(p: np.ndarray, span: float, min_motion_arcsec: float, seeing_arcsec: float
@@ -962,3 +991,128 @@ def peak_detections(smap: np.ndarray, threshold: float, fwhm_px: float,
     dxn = np.clip(np.nan_to_num(dxn), -0.5, 0.5)
     dyn = np.clip(np.nan_to_num(dyn), -0.5, 0.5)
     return ix + dxn, iy + dyn, np.sign(smap[iy, ix]).astype(int)
+
+
+# ----------------------------------------------------------------------- trails on the difference
+def trail_fit(diff: np.ndarray, sigma: np.ndarray, bad: np.ndarray | None, x: float, y: float, fwhm_px: float,
+              beta: float | None = None, max_length_px: float = 30.0, nsteps: int = 9
+              ) -> tuple[float, float, float]:
+    """Length (px), its 1-sigma error and position angle (rad, from +x) of a trail fitted at a
+    detection of D (0-based x, y): the PSF (:func:`psf_model`) averaged along a segment of
+    free centre, flux, length and angle, fitted by least squares to the unmasked pixels within
+    2 FWHM + ``max_length_px`` / 2, weighted by ``sigma``. A moving object's stack is such a
+    trail (the object moves through each exposure and between them); the reference does not
+    hold it, so the difference shows it clean even where it crosses a star. NaNs when the fit
+    fails."""
+    from scipy.optimize import least_squares
+
+    ny, nx = diff.shape
+    h = int(np.ceil(2 * fwhm_px + max_length_px / 2))
+    xi, yi = int(round(x)), int(round(y))
+    if xi - h < 0 or yi - h < 0 or xi + h >= nx or yi + h >= ny:
+        return np.nan, np.nan, np.nan
+    sl = (slice(yi - h, yi + h + 1), slice(xi - h, xi + h + 1))
+    d = np.asarray(diff[sl], float)
+    s = np.asarray(sigma[sl], float)
+    use = np.isfinite(d) & np.isfinite(s) & (s > 0)
+    if bad is not None:
+        use &= ~bad[sl]
+    if use.sum() < 20:
+        return np.nan, np.nan, np.nan
+    gy, gx = np.mgrid[-h:h + 1, -h:h + 1]
+    gx, gy = gx[use] + xi - x, gy[use] + yi - y
+    d, s = d[use], s[use]
+    tt = (np.arange(nsteps) + 0.5) / nsteps - 0.5     # the segment's midpoints: its second moment is L^2 / 12
+
+    def model(p):
+        x0, y0, f, ex, ey = p
+        # the segment as a vector (ex, ey): smooth in both components through length 0
+        px = x0 + tt[:, None] * ex
+        py = y0 + tt[:, None] * ey
+        return f * psf_model(gx[None, :] - px, gy[None, :] - py, fwhm_px, beta).mean(axis=0)
+
+    p1 = psf_model(gx, gy, fwhm_px, beta)
+    f0 = float(np.sum(d * p1) / np.sum(p1**2))
+    # the starting segment along the light's own major axis
+    w = np.clip(d, 0, None) * p1
+    if w.sum() > 0:
+        mxx, myy, mxy = (w * gx * gx).sum() / w.sum(), (w * gy * gy).sum() / w.sum(), (w * gx * gy).sum() / w.sum()
+        ang = 0.5 * np.arctan2(2 * mxy, mxx - myy)
+    else:
+        ang = 0.0
+    p0 = [0.0, 0.0, f0, fwhm_px * np.cos(ang), fwhm_px * np.sin(ang)]
+    try:
+        best = least_squares(lambda p: (model(p) - d) / s, p0, x_scale=[1, 1, max(abs(f0), 1.0), 1, 1],
+                             bounds=([-fwhm_px, -fwhm_px, -np.inf, -max_length_px, -max_length_px],
+                                     [fwhm_px, fwhm_px, np.inf, max_length_px, max_length_px]))
+    except ValueError:
+        return np.nan, np.nan, np.nan
+    if not best.success:
+        return np.nan, np.nan, np.nan
+    ex, ey = best.x[3], best.x[4]
+    length = float(np.hypot(ex, ey))
+    try:
+        cov = np.linalg.inv(best.jac.T @ best.jac) * max(2 * best.cost / max(len(d) - 5, 1), 1.0)
+    except np.linalg.LinAlgError:
+        return length, np.nan, float(np.arctan2(ey, ex))
+    if length > 0:
+        g = np.array([ex, ey]) / length
+        err = float(np.sqrt(max(g @ cov[3:5, 3:5] @ g, 0.0)))
+    else:
+        err = float(np.sqrt(max(np.trace(cov[3:5, 3:5]) / 2, 0.0)))
+    return length, err, float(np.arctan2(ey, ex))
+
+
+def psf_trail_level(image: np.ndarray, sigma: np.ndarray, bad: np.ndarray | None, sx: np.ndarray, sy: np.ndarray,
+                    sflux: np.ndarray, fwhm_px: float, beta: float | None = None, nmax: int = 12
+                    ) -> tuple[float, float]:
+    """The trail length (px) that :func:`trail_fit` finds on stars of ``image`` (an image with
+    the difference's PSF): the PSF's own departure from the fitted model (ellipticity, another
+    profile), which a static source of D shows too. Median and robust scatter over up to
+    ``nmax`` isolated stars (no brighter neighbour within 4 FWHM), the brightest first;
+    (0, 0) with fewer than 5."""
+    from scipy.spatial import cKDTree
+
+    if len(sx) < 5:
+        return 0.0, 0.0
+    tree = cKDTree(np.column_stack([sx, sy]))
+    order = np.argsort(-np.nan_to_num(sflux))
+    lengths = []
+    for k in order:
+        nb = [j for j in tree.query_ball_point([sx[k], sy[k]], 4 * fwhm_px) if j != k]
+        if any(sflux[j] > 0.05 * sflux[k] for j in nb):
+            continue
+        length, err, _ = trail_fit(image, sigma, bad, float(sx[k]), float(sy[k]), fwhm_px, beta)
+        if np.isfinite(length):
+            lengths.append(length)
+        if len(lengths) >= nmax:
+            break
+    if len(lengths) < 5:
+        return 0.0, 0.0
+    lengths = np.asarray(lengths)
+    med = float(np.median(lengths))
+    return med, float(1.4826 * np.median(np.abs(lengths - med)))
+
+
+def trailed_objects(diff: np.ndarray, sigma: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: np.ndarray,
+                    test: np.ndarray, fwhm_px: float, beta: float | None, psf_level: tuple[float, float],
+                    min_length_px: float, nsigma: float = 5.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Detections (where ``test``) that are trails on D: a fitted length (:func:`trail_fit`)
+    beyond the PSF's own (``psf_level``: median, scatter from :func:`psf_trail_level`) by
+    ``nsigma`` times its error and 3 times the scatter, and at least ``min_length_px``.
+
+    Returns (trailed, length px, angle rad from +x, significance (L - median) / error); NaN
+    where not fitted."""
+    n = len(x)
+    trailed = np.zeros(n, bool)
+    length = np.full(n, np.nan)
+    angle = np.full(n, np.nan)
+    signif = np.full(n, np.nan)
+    med, scatter = psf_level
+    for i in np.flatnonzero(test):
+        L, err, th = trail_fit(diff, sigma, bad, float(x[i]), float(y[i]), fwhm_px, beta)
+        length[i], angle[i] = L, th
+        if np.isfinite(L) and np.isfinite(err) and err > 0:
+            signif[i] = (L - med) / err
+            trailed[i] = (L - med > max(nsigma * err, 3 * scatter)) and L >= min_length_px
+    return trailed, length, angle, signif

@@ -9,10 +9,10 @@ sources) gets:
   difference, the science and the (convolved) reference;
 * the vetting flags of v1 §10, each a boolean column (``flag_*``), re-expressed with the noise
   image where v1 compared raw counts (:func:`vetting_flags`);
-* a real/bogus score (:mod:`gppy_phot.realbogus`);
+* a real/bogus score (:mod:`gppy_phot.vetting`; the shape-only :mod:`gppy_phot.realbogus`);
 * a label: ``new`` (positive, nothing in the reference), ``brightening`` (positive, a
   reference source), ``fading`` (negative), ``moving`` (its position moves across the visit's
-  single frames, :func:`moving_objects`).
+  single frames, :func:`moving_objects`, or it is a trail on D, :func:`trailed_objects`).
 
 A detection is a candidate when none of the hard flags (:data:`HARD_FLAGS`) is set, its S/N
 reaches ``snr_min`` and its vetting score (:mod:`gppy_phot.vetting`, trained on simulated

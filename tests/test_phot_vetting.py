@@ -98,26 +98,39 @@ def test_a_lobe_around_a_star_is_tangential_a_source_is_round():
 
 
 def test_a_trail_is_measured_and_a_point_source_is_not():
-    """A Moffat averaged along a 12-px segment at 30 deg (known truth) in white noise: the
-    fitted length is 12 px within 4 sigma of its error and the angle is 30 deg; a point source
-    gives a length within a few errors of 0; both at S/N ~ 60."""
+    """A Moffat averaged along a 12-px segment at 30 deg (known truth) in white noise, S/N ~ 60:
+    the fitted length is 12 px and the angle 30 deg, each within 4 sigma of the fit's error. The
+    decision (:func:`trailed_objects`) against the length the same fit gives on seven point
+    sources of other noise draws (:func:`psf_trail_level`, the production's calibration): the
+    trail is one, an eighth point source is not."""
     from gppy_phot import synthetic as syn
-    from gppy_phot.transients import SingleDetections, trail_fit, visit_span_hours
+    from gppy_phot.transients import (
+        SingleDetections,
+        psf_trail_level,
+        trail_fit,
+        trailed_objects,
+        visit_span_hours,
+    )
 
     rng = np.random.default_rng(7)
-    n, fwhm, beta, sigma = 101, 5.0, 3.0, 5.0
+    fwhm, beta, sigma, flux = 5.0, 3.0, 5.0, 4000.0
     ang = np.deg2rad(30.0)
     t = np.linspace(-0.5, 0.5, 41)
-    xs, ys = 50 + 12 * t * np.cos(ang), 50 + 12 * t * np.sin(ang)
-    trail = syn.render_sources((n, n), list(xs), list(ys), [4000.0 / len(t)] * len(t), fwhm, beta)
-    noise = rng.normal(0, sigma, (n, n))
-    sig = np.full((n, n), sigma)
-    length, err, theta = trail_fit(trail + noise, sig, None, 50.0, 50.0, fwhm, beta)
+    # the trail at (50, 50); point sources on a grid 80 px apart, the eighth at (210, 210)
+    grid = [(50.0 + 80 * i, 50.0 + 80 * j) for i in range(3) for j in range(3)][1:]
+    xs = list(50 + 12 * t * np.cos(ang)) + [g[0] for g in grid]
+    ys = list(50 + 12 * t * np.sin(ang)) + [g[1] for g in grid]
+    fl = [flux / len(t)] * len(t) + [flux] * len(grid)
+    img = syn.render_sources((260, 260), xs, ys, fl, fwhm, beta) + rng.normal(0, sigma, (260, 260))
+    sig = np.full(img.shape, sigma)
+    length, err, theta = trail_fit(img, sig, None, 50.0, 50.0, fwhm, beta)
     assert abs(length - 12.0) < 4 * err and err < 1.0
-    assert abs((np.degrees(theta) - 30.0 + 90) % 180 - 90) < 5
-    point = syn.render_sources((n, n), [50.0], [50.0], [4000.0], fwhm, beta)
-    length, err, _ = trail_fit(point + noise, sig, None, 50.0, 50.0, fwhm, beta)
-    assert length < 4 * err + 1.0
+    assert abs((np.degrees(theta) - 30.0 + 90) % 180 - 90) < np.degrees(4 * err / length)
+    stars = np.array([g[0] for g in grid[:-1]]), np.array([g[1] for g in grid[:-1]]), np.full(len(grid) - 1, flux)
+    level = psf_trail_level(img, sig, None, *stars, fwhm, beta)
+    trailed, _, _, _ = trailed_objects(img, sig, None, np.array([50.0, 210.0]), np.array([50.0, 210.0]),
+                                       np.array([True, True]), fwhm, beta, level, min_length_px=2.0)
+    assert list(trailed) == [True, False]
     # three 100-s frames 150 s apart cover 400 s (mid-times 300 s apart, stretched by 3/2)
     singles = [SingleDetections(t=60000.0 + k * 150 / 86400, ra=np.zeros(0), dec=np.zeros(0)) for k in range(3)]
     assert visit_span_hours(singles) == pytest.approx(450 / 3600)

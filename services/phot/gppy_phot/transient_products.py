@@ -148,20 +148,19 @@ def calibrate_table(t: Table, filt: str, zps: dict[str, tuple[float, float]]) ->
 
 def vetting_columns(diff, bad, x, y, sign, snr_stat, snr_psf, psf_pos, psf_scale, ring_mean, ring_scatter, local, local_chi,
                     star_other, dipole, lobe_ratio, lobe_snr, fwhm_det, elongation, masked_frac, ref_min, detector,
-                    rb_shape, stars, mask, header, info: DiffScience) -> dict[str, np.ndarray]:
+                    rb_shape, stars, saturated, header, info: DiffScience) -> dict[str, np.ndarray]:
     """The measurements the vetting score weighs (:data:`gppy_phot.vetting.FEATURES`), per
-    detection (0-based x, y)."""
+    detection (0-based x, y); ``saturated``: the difference's saturated pixels (or None)."""
     n = len(x)
     err = np.asarray(psf_pos.err, float) * psf_scale
     err = np.where(np.isfinite(err) & (err > 0), err, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         sdist, sratio, slight, which = vetting.star_context(x, y, np.asarray(psf_pos.flux, float),
                                                             np.nan_to_num(err, nan=1.0), stars, info.peeing, info.beta)
-        has = which >= 0
-        star_x = np.where(has, np.asarray(stars[0], float)[np.where(has, which, 0)] if has.any() else np.nan, np.nan)
-        star_y = np.where(has, np.asarray(stars[1], float)[np.where(has, which, 0)] if has.any() else np.nan, np.nan)
+        # the dominant star's position; which = -1 (none) picks the NaN appended last
+        star_x = np.append(stars[0] if stars is not None else [], np.nan)[which]
+        star_y = np.append(stars[1] if stars is not None else [], np.nan)[which]
         tang, off = vetting.star_aligned_shape(diff, bad, x, y, np.asarray(sign, float), star_x, star_y, info.peeing)
-        saturated = (mask & int(MaskBit.SATURATED)) != 0 if mask is not None else None
         return {
             "snr_stat": np.asarray(snr_stat, float), "snr_psf": np.asarray(snr_psf, float),
             "ring_scatter": np.log1p(np.clip(np.asarray(ring_scatter, float), 0, None) / err),
@@ -274,6 +273,7 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
         parts.append(sub)
     # matched-filter peaks that Source Extractor merged into a neighbour's isophote (a
     # transient beside a star's subtraction residual) join as detections of their own
+    sat_px = (mask & int(MaskBit.SATURATED)) != 0 if mask is not None else None
     smap = transients.significance_map(diff, sig_img * psf_scale, bad, info.peeing)
     px, py, psign = transients.peak_detections(smap, 0.8 * tp.snr_min, info.peeing, bad)
     del smap
@@ -294,9 +294,8 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
 
             dstar, _ = cKDTree(np.column_stack([stars[0], stars[1]])).query(np.column_stack([px, py]), k=1)
             close |= dstar < 5 * info.peeing
-        if mask is not None and len(px):
-            sat = (mask & int(MaskBit.SATURATED)) != 0
-            close |= vetting.saturation_distance(sat, px, py, info.peeing) < 5
+        if sat_px is not None and len(px):
+            close |= vetting.saturation_distance(sat_px, px, py, info.peeing) < 5
         px, py, psign = px[close], py[close], psign[close]
     if len(px):
         pra, pdec = info.wcs.all_pix2world(px, py, 0)
@@ -462,7 +461,7 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
     rb_shape = realbogus.score(feats, rb_model) if n else np.zeros(0)
     vet = vetting_columns(diff, bad, x, y, sign, snr_stat, snr_psf, psf_pos, psf_scale, ring_mean, ring_scatter, local, local_chi,
                           star_other, dipole, lobe_ratio, lobe_snr, fwhm_det, np.asarray(det["ELONGATION"], float),
-                          masked_frac, ref_min, detector, rb_shape, stars, mask, header, info)
+                          masked_frac, ref_min, detector, rb_shape, stars, sat_px, header, info)
     if tp.vetting_model:
         rb = vetting.score(vetting.feature_matrix(vet), vet_model) if n else np.zeros(0)
     else:
@@ -476,7 +475,7 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
                                                  seeing_arcsec=info.seeing)
     cand = (transients.candidates(flags, moving, rb, tp.rb_min, snr=snr_stat, sign=sign, params=tp, rb_shape=rb_shape)
             if tp.vetting_model else transients.candidates(flags, moving, rb, tp.rb_min))
-    trail_len = trail_angle = trail_sig = np.full(n, np.nan)
+    trail_len, trail_sig = np.full(n, np.nan), np.full(n, np.nan)
     if n and tp.trails:
         # a moving object merged with a star in the single frames: their centroids do not line
         # up, but the difference shows its trail clean of the star
@@ -490,8 +489,10 @@ def search(diff_path: Path, diff: np.ndarray, header: fits.Header, noise: np.nda
             tp.moving_min_arcsec / info.pixscale)
         # a source that the single frames show in place is not moving, whatever its shape on D
         # (a transient beside a star whose residual stretches it)
-        ra_det, dec_det = np.asarray(det["ALPHA_J2000"], float), np.asarray(det["DELTA_J2000"], float)
-        trailed &= transients.static_in_singles(ra_det, dec_det, singles, 0.25 * info.seeing, tp.snr_min) < 2
+        k = np.flatnonzero(trailed)
+        trailed[k] = transients.static_in_singles(np.asarray(det["ALPHA_J2000"], float)[k],
+                                                  np.asarray(det["DELTA_J2000"], float)[k], singles,
+                                                  0.25 * info.seeing, tp.snr_min) < 2
         span_h = transients.visit_span_hours(singles)
         for i in np.flatnonzero(trailed):
             moving[i] = True

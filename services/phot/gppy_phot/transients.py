@@ -1096,7 +1096,8 @@ def psf_trail_level(image: np.ndarray, sigma: np.ndarray, bad: np.ndarray | None
 
 def trailed_objects(diff: np.ndarray, sigma: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: np.ndarray,
                     test: np.ndarray, fwhm_px: float, beta: float | None, psf_level: tuple[float, float],
-                    min_length_px: float, nsigma: float = 5.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    min_length_px: float, nsigma: float = 5.0
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Detections (where ``test``) that are trails on D: a fitted length (:func:`trail_fit`)
     beyond the PSF's own (``psf_level``: median, scatter from :func:`psf_trail_level`) by
     ``nsigma`` times its error and 3 times the scatter, and at least ``min_length_px``.

@@ -172,6 +172,7 @@ def feature_matrix(columns: dict[str, np.ndarray]) -> np.ndarray:
     return x
 
 
+@lru_cache(maxsize=4)
 def model_id(path: Path = MODEL_PATH) -> str:
     """First 12 hex digits of the SHA-256 of the model file (recorded in the provenance)."""
     import hashlib
